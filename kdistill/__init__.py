@@ -1,0 +1,3 @@
+"""kdistill: knowledge distillation from a large image classifier to a small, fast one."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Datasets, transforms, paired views, mixup and loaders."""

@@ -1,0 +1,225 @@
+"""Image sources: ImageFolder trees, PaddleClas list files, Fashion-MNIST, decoded-in-RAM arrays.
+
+A source maps an index to ``(uint8 CHW RGB tensor | None, label)``: ``None`` marks an
+unreadable file, which loaders skip and count instead of failing.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                         "sneaker", "bag", "ankle-boot"]
+FASHION_MNIST_VAL = 5000  # the last 5,000 official training images form val/
+
+
+def read_image(path: str) -> torch.Tensor:
+    """Decode an image file to a uint8 (3, H, W) RGB tensor; raises on unreadable data."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+    if data.numel() == 0:
+        raise ValueError("empty file")
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError:
+        # formats torchvision.io cannot decode (e.g. GIF variants, TIFF): fall back to PIL
+        from PIL import Image
+
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class Source:
+    """Labelled images of one split: file ``paths`` (decoded lazily) or a decoded ``array``."""
+
+    name: str
+    classes: list[str]
+    labels: list[int]
+    paths: list[str] = field(default_factory=list)
+    array: torch.Tensor | list[torch.Tensor] | None = None  # decoded images (N, C, H, W)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) dropped at load
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return self.array is not None
+
+    def load(self, i: int) -> torch.Tensor | None:
+        if self.array is not None:
+            img = self.array[i]
+            return img.expand(3, -1, -1) if img.shape[0] == 1 else img
+        try:
+            return read_image(self.paths[i])
+        except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
+            return None
+
+    def describe(self, i: int) -> str:
+        return self.paths[i] if self.paths else f"{self.name}[{i}]"
+
+    def subset(self, indices: list[int]) -> "Source":
+        arr = None
+        if isinstance(self.array, torch.Tensor):
+            arr = self.array[torch.as_tensor(indices, dtype=torch.long)]
+        elif self.array is not None:
+            arr = [self.array[i] for i in indices]
+        return Source(self.name, self.classes, [self.labels[i] for i in indices],
+                      [self.paths[i] for i in indices] if self.paths else [], arr, self.bad)
+
+
+# ------------------------------------------------------------------ ImageFolder / list files
+
+
+def scan_folder(root: Path, name: str, classes: list[str] | None = None) -> Source:
+    """``root/<class>/<image>`` (recursive inside each class folder)."""
+    if not root.is_dir():
+        raise UserError(f"data folder '{root}' does not exist")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise UserError(f"'{root}' has no class folders; expected {root}/<class>/<image>")
+    if classes is None:
+        classes = found
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise UserError(f"'{root}' has classes not in the training set: {', '.join(extra[:5])}")
+    index = {c: i for i, c in enumerate(classes)}
+    paths, labels = [], []
+    for cls in found:
+        files = sorted(
+            os.path.join(dp, f)
+            for dp, _, fs in os.walk(root / cls, followlinks=True)
+            for f in fs if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not files:
+            raise UserError(f"class folder '{root / cls}' has no images; remove it or add images")
+        paths += files
+        labels += [index[cls]] * len(files)
+    return Source(name, classes, labels, paths)
+
+
+def read_class_map(path: str) -> list[str]:
+    """PaddleClas ``class_id_map_file``: lines ``<id> <name>``."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"class map '{path}' does not exist")
+    names: dict[int, str] = {}
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise UserError(f"class map '{path}' line {n}: expected '<id> <name>'")
+        names[int(parts[0])] = parts[1].strip()
+    if sorted(names) != list(range(len(names))):
+        raise UserError(f"class map '{path}' must number classes 0..{len(names) - 1}")
+    return [names[i] for i in range(len(names))]
+
+
+def parse_list_line(line: str) -> tuple[str, int, str] | None:
+    """``path label [# comment]`` -> (path, label, comment); None for blank/comment lines."""
+    comment = ""
+    if " #" in line:
+        line, comment = line.split(" #", 1)
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    parts = line.rsplit(maxsplit=1)
+    if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
+        raise ValueError("expected 'path label'")
+    return parts[0], int(parts[1]), comment.strip()
+
+
+def read_list(path: Path, name: str, classes: list[str] | None = None,
+              class_map: str | None = None) -> Source:
+    """PaddleClas list file: ``<path> <label>`` per line, paths relative to the file."""
+    if not path.is_file():
+        raise UserError(f"list file '{path}' does not exist")
+    paths, labels = [], []
+    base = path.parent
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = parse_list_line(line)
+        except ValueError:
+            raise UserError(f"list file '{path}' line {n}: expected '<path> <label>'") from None
+        if row is None:
+            continue
+        p, label, _ = row
+        paths.append(p if os.path.isabs(p) else str(base / p))
+        labels.append(label)
+    if not paths:
+        raise UserError(f"list file '{path}' lists no images")
+    if min(labels) < 0:
+        raise UserError(f"list file '{path}' has a negative label")
+    if classes is None:
+        classes = read_class_map(class_map) if class_map else [str(i) for i in range(max(labels) + 1)]
+    if max(labels) >= len(classes):
+        raise UserError(f"list file '{path}' has label {max(labels)} but only {len(classes)} classes")
+    return Source(name, classes, labels, paths)
+
+
+def open_split(spec: str, name: str, classes: list[str] | None = None,
+               class_map: str | None = None) -> Source:
+    p = Path(spec)
+    if p.is_dir():
+        return scan_folder(p, name, classes)
+    if p.is_file():
+        return read_list(p, name, classes, class_map)
+    raise UserError(f"{name} data '{spec}' does not exist (need a folder of class folders or a list file)")
+
+
+# ------------------------------------------------------------------ Fashion-MNIST
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as fh:
+        data = fh.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    d = FASHION_MNIST_DIR
+    files = {s: (d / f"{p}-images-idx3-ubyte.gz", d / f"{p}-labels-idx1-ubyte.gz")
+             for s, p in (("train", "train"), ("test", "t10k"))}
+    if all(f.is_file() for pair in files.values() for f in pair):
+        return {s: (_read_idx(i), _read_idx(lbl)) for s, (i, lbl) in files.items()}
+    from torchvision.datasets import FashionMNIST
+
+    cache = Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
+    try:
+        out = {}
+        for split, train in (("train", True), ("test", False)):
+            ds = FashionMNIST(str(cache / "fashion-mnist"), train=train, download=True)
+            out[split] = (ds.data.numpy(), ds.targets.numpy())
+        return out
+    except Exception as err:  # noqa: BLE001
+        raise UserError("Fashion-MNIST not found under /usr/share/datasets/fashion-mnist and the "
+                        f"download failed ({err}); run `apt-get install dataset-fashion-mnist`")
+
+
+def fashion_mnist(split: str) -> Source:
+    """train = first 55,000 official training images, val = last 5,000, test = official test."""
+    arrays = _fashion_mnist_arrays()
+    images, labels = arrays["test" if split == "test" else "train"]
+    if split == "train":
+        images, labels = images[:-FASHION_MNIST_VAL], labels[:-FASHION_MNIST_VAL]
+    elif split == "val":
+        images, labels = images[-FASHION_MNIST_VAL:], labels[-FASHION_MNIST_VAL:]
+    arr = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28)
+    return Source(f"fashion-mnist/{split}", list(FASHION_MNIST_CLASSES),
+                  labels.astype(np.int64).tolist(), array=arr)

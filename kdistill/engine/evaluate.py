@@ -1,0 +1,169 @@
+"""Evaluation: top-1, top-5, mean per-class accuracy (MPA), confusion matrix, optional TTA.
+
+Counts are accumulated in torchmetrics metrics, which sum across DDP ranks.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.transforms import tta_views
+from ..utils import write_json
+
+
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    mpa: float
+    n: int
+    loss: float
+    per_class: list[float]
+    confusion: list[list[int]]
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "mpa": self.mpa, "n": self.n,
+                "loss": self.loss, **self.extra}
+
+
+def metrics_from_confusion(cm: torch.Tensor) -> tuple[float, float, list[float]]:
+    """top-1, MPA and per-class accuracy from a (true x predicted) confusion matrix.
+
+    MPA averages the per-class accuracies of the classes that occur, so every class counts
+    the same however many images it has; classes without images get NaN per-class accuracy.
+    """
+    cm = cm.double()
+    support = cm.sum(1)
+    n = support.sum()
+    top1 = float(cm.diagonal().sum() / n) if n > 0 else float("nan")
+    per_class = torch.where(support > 0, cm.diagonal() / support.clamp_min(1), torch.nan)
+    present = per_class[support > 0]
+    mpa = float(present.mean()) if present.numel() else float("nan")
+    return top1, mpa, [float(v) for v in per_class]
+
+
+class Accumulator:
+    """Confusion matrix + top-5 hits + summed loss over batches (DDP-synchronised)."""
+
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        from torchmetrics import SumMetric
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+        self.cm = MulticlassConfusionMatrix(num_classes).to(device)
+        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
+        self.loss = SumMetric().to(device)
+        self.count = SumMetric().to(device)
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        self.cm.update(probs, target)
+        self.top5.update(probs, target)
+        nll = F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction="sum")
+        self.loss.update(nll)
+        self.count.update(torch.tensor(float(len(target)), device=probs.device))
+
+    def compute(self) -> EvalResult:
+        cm = self.cm.compute().cpu()
+        top1, mpa, per_class = metrics_from_confusion(cm)
+        n = int(self.count.compute())
+        return EvalResult(top1=top1, top5=float(self.top5.compute()), mpa=mpa, n=n,
+                          loss=float(self.loss.compute()) / max(n, 1), per_class=per_class,
+                          confusion=cm.long().tolist())
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, prep: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Class probabilities for a uint8/[0,1] batch; TTA averages probabilities over views."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    views = tta_views(x) if tta else [x]
+    probs = sum(model(prep(v)).float().softmax(-1) for v in views)
+    return probs / len(views)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, prep: nn.Module, loader: Iterable[dict], num_classes: int,
+             device: torch.device, tta: bool = False,
+             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+             on_batch: Callable[[dict, torch.Tensor], None] | None = None) -> EvalResult:
+    """Evaluate ``model`` (called on ``prep(images)``) over ``loader``.
+
+    ``on_batch(batch, probs)`` lets callers add their own statistics (e.g. agreement).
+    """
+    was_training = model.training
+    model.eval()
+    acc = Accumulator(num_classes, device)
+    skipped = 0
+    for batch in loader:
+        skipped += len(batch["skipped"])
+        if "image" not in batch:
+            continue
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["target"].to(device, non_blocking=True)
+        with autocast():
+            probs = predict_probs(model, prep, x, tta)
+        acc.update(probs, y)
+        if on_batch is not None:
+            on_batch(batch, probs)
+    model.train(was_training)
+    result = acc.compute()
+    if skipped:
+        result.extra["skipped"] = skipped
+    return result
+
+
+def write_report(result: EvalResult, classes: list[str], out_dir: str | Path,
+                 extra: dict | None = None) -> Path:
+    """metrics.json, per_class.csv, confusion.csv and confusion.png in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", {**result.summary(), **(extra or {}),
+                                      "per_class": dict(zip(classes, result.per_class))})
+    with open(out / "per_class.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["class", "accuracy", "images"])
+        for c, acc, row in zip(classes, result.per_class, result.confusion):
+            w.writerow([c, f"{acc:.6f}", sum(row)])
+    with open(out / "confusion.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["true\\pred", *classes])
+        for c, row in zip(classes, result.confusion):
+            w.writerow([c, *row])
+    plot_confusion(result.confusion, classes, out / "confusion.png",
+                   f"top-1 {result.top1:.4f}  MPA {result.mpa:.4f}  n={result.n}")
+    return out
+
+
+def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = len(classes)
+    t = torch.tensor(cm, dtype=torch.float64)
+    norm = t / t.sum(1, keepdim=True).clamp_min(1)
+    size = min(4 + 0.45 * k, 30)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if k <= 40:
+        ax.set_xticks(range(k), classes, rotation=90)
+        ax.set_yticks(range(k), classes)
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, int(t[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

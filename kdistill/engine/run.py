@@ -1,0 +1,140 @@
+"""From a validated config to a finished run folder: data, model, method, trainer."""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import Config, dump_yaml
+from ..data.loader import (EpochLoader, Splits, eval_dataset, eval_loader, make_mixer, open_splits,
+                           resolve_preprocessing, train_dataset)
+from ..data.transforms import Preprocess, Preprocessing
+from ..errors import UserError
+from ..methods.base import Method
+from ..methods.supervised import Supervised
+from ..models import create_model, default_preprocessing
+from ..models.checkpoint import meta_preprocessing, read_meta, resolve_checkpoint
+from ..utils import resolve_device, seed_everything
+from . import distributed as dist
+from .trainer import Trainer
+
+
+@dataclass
+class RunContext:
+    """Everything a method needs that does not depend on the method."""
+
+    cfg: Config
+    device: torch.device
+    out: Path
+    splits: Splits
+    student: nn.Module
+    preprocessing: Preprocessing
+
+    @property
+    def classes(self) -> list[str]:
+        return self.splits.classes
+
+    def student_prep(self) -> Preprocess:
+        return Preprocess(self.preprocessing, self.cfg.model.channels_last).to(self.device)
+
+
+def run_folder(cfg: Config) -> Path:
+    if cfg.train.out:
+        return Path(cfg.train.out)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.model.name.replace('/', '_').replace(':', '_')}-{stamp}"
+
+
+def check_out(out: Path, resume: bool) -> None:
+    """Refuse to overwrite a finished or interrupted run unless resuming it."""
+    if not resume and (out / "last.pt").exists():
+        raise UserError(f"'{out}' already holds a run; pass --resume to continue it, "
+                        "or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' exists and is not a folder")
+
+
+def prepare(cfg: Config) -> RunContext:
+    """Device, process group, data splits, student and its preprocessing. Writes nothing."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = dist.init(resolve_device(cfg.train.device))
+    out = run_folder(cfg)
+    check_out(out, cfg.train.resume)
+    if not cfg.data.root and not cfg.data.train:
+        raise UserError("no training data given; pass --data ROOT (a folder, list file or fashion-mnist)")
+    seed_everything(cfg.train.seed)
+    splits = open_splits(cfg.data)
+    mc = cfg.model
+    student = create_model(mc.name, len(splits.classes), pretrained=mc.pretrained,
+                           checkpoint=mc.checkpoint, pretrained_path=mc.pretrained_path,
+                           drop_rate=mc.drop_rate)
+    if mc.checkpoint:
+        model_default = meta_preprocessing(read_meta(resolve_checkpoint(mc.checkpoint)))
+    else:
+        model_default = default_preprocessing(student, mc.pretrained)
+    pp = resolve_preprocessing(cfg.data, splits, model_default)
+    student = student.to(device)
+    if mc.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    return RunContext(cfg, device, out, splits, student, pp)
+
+
+def fit(ctx: RunContext, method: Method, meta: dict | None = None,
+        eval_hook: Callable[[nn.Module], dict] | None = None) -> dict:
+    """Build loaders for ``method`` and train; rank 0 writes ``<out>/config.yaml`` first."""
+    cfg, dc = ctx.cfg, ctx.cfg.data
+    pin = ctx.device.type == "cuda"
+    train_ds = train_dataset(dc, ctx.splits.train, ctx.splits.native_size, ctx.preprocessing.image_size)
+    loader = EpochLoader(train_ds, cfg.train.batch_size, dc.workers, cfg.train.seed, pin)
+    val = None
+    if ctx.splits.val is not None:
+        val = eval_loader(eval_dataset(ctx.splits.val, ctx.preprocessing), cfg.eval.batch_size,
+                          dc.workers, pin)
+    if dist.is_main():
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, ctx.out / "config.yaml")
+    dist.barrier()
+    trainer = Trainer(cfg, method.to(ctx.device), loader, val, ctx.device, ctx.out, ctx.classes,
+                      ctx.preprocessing, make_mixer(dc, len(ctx.classes)), meta, eval_hook)
+    return trainer.fit()
+
+
+def train(cfg: Config) -> dict:
+    """``kdistill train``: supervised training of ``cfg.model`` on ``cfg.data``."""
+    ctx = prepare(cfg)
+    method = Supervised(ctx.student, ctx.student_prep(), cfg.data.label_smoothing, cfg.train.rdrop)
+    try:
+        return fit(ctx, method)
+    finally:
+        dist.cleanup()
+
+
+def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = False,
+                 batch_size: int = 256, workers: int = 2, device: str = "auto",
+                 out: str | None = None) -> tuple[dict, Path]:
+    """``kdistill eval``: metrics of a checkpoint on one split, with a report folder."""
+    from ..data.datasets import open_source
+    from ..models.checkpoint import load_model
+    from .evaluate import evaluate, write_report
+
+    dev = resolve_device(device)
+    path = resolve_checkpoint(run_or_ckpt)
+    model, meta = load_model(str(path), dev)
+    source = open_source(root, split, classes=meta["classes"])
+    pp = meta_preprocessing(meta)
+    loader = eval_loader(eval_dataset(source, pp), batch_size, workers, dev.type == "cuda")
+    result = evaluate(model, Preprocess(pp).to(dev), loader, meta["num_classes"], dev, tta=tta)
+    if result.n == 0:
+        raise UserError(f"no readable image in the '{split}' split of '{root}'")
+    name = f"eval-{split}{'-tta' if tta else ''}"
+    report_dir = Path(out) if out else (path.parent / name if Path(run_or_ckpt).is_dir()
+                                        else path.parent / f"{name}-{path.stem}")
+    summary = {**result.summary(), "split": split, "tta": tta, "checkpoint": str(path),
+               "data": root}
+    write_report(result, meta["classes"], report_dir, summary)
+    return summary, report_dir

@@ -1,0 +1,308 @@
+"""The one training loop. It knows nothing about KD: a method returns loss terms, the loop
+backpropagates ``"loss"`` and logs the rest.
+
+Features: timm optimizers and schedulers (per-step updates), AMP (bf16 on CPU, fp16 with
+GradScaler or bf16 on CUDA), gradient accumulation and clipping, weight EMA, DDP, per-epoch
+evaluation, atomic best/last checkpoints and exact resume: every epoch re-seeds all RNGs
+from ``(seed, epoch)``, so a resumed run replays the uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .. import __version__
+from ..config import Config
+from ..data.transforms import Preprocessing
+from ..errors import TrainingError
+from ..methods.base import Method
+from ..models.checkpoint import load_state, save_model, save_state
+from ..utils import count_params, seed_everything, write_json
+from . import distributed as dist
+from .callbacks import RunLogger, log, progress
+from .evaluate import EvalResult, evaluate
+
+
+def autocast_factory(device: torch.device, enabled: bool, dtype_name: str = "auto"
+                     ) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.dtype | None]:
+    """-> (context factory, dtype); auto = bf16 on CPU, bf16 on CUDA if supported else fp16."""
+    if not enabled:
+        return contextlib.nullcontext, None
+    if dtype_name == "auto":
+        bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16_ok else torch.float16
+    else:
+        dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
+    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+@dataclass
+class EpochStats:
+    terms: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    seconds: float = 0.0
+    skipped: list[str] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs ``method`` for ``cfg.train.epochs`` epochs and writes the run folder ``out``."""
+
+    def __init__(self, cfg: Config, method: Method, train_loader, val_loader, device: torch.device,
+                 out: Path, classes: list[str], preprocessing: Preprocessing,
+                 mixer: Callable | None = None, meta: dict | None = None,
+                 eval_hook: Callable[[nn.Module], dict] | None = None) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.cfg, self.method, self.device, self.out = cfg, method, device, Path(out)
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.classes, self.preprocessing, self.mixer = classes, preprocessing, mixer
+        self.meta = meta or {}
+        self.eval_hook = eval_hook
+        tc = cfg.train
+        steps = len(train_loader) if tc.max_steps_per_epoch is None else min(len(train_loader), tc.max_steps_per_epoch)
+        self.updates_per_epoch = max(steps // tc.accum_steps, 1)
+        self.steps_per_epoch = self.updates_per_epoch * tc.accum_steps
+        self.autocast, amp_dtype = autocast_factory(device, tc.amp, tc.amp_dtype)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        self.optimizer, self.scheduler = self._build_optim()
+        self.ema = ModelEmaV3(method.plain_student, decay=tc.ema_decay) if tc.ema_decay > 0 else None
+        if dist.is_distributed():
+            method.wrap_distributed([device.index] if device.type == "cuda" else None)
+        self.epoch = 0  # epochs completed
+        self.global_step = 0
+        self.best_top1 = -math.inf
+        self.best_epoch = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_optim(self):
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+
+        oc, tc = self.cfg.optim, self.cfg.train
+        kwargs = {"momentum": oc.momentum} if oc.name in ("sgd", "momentum", "nesterov", "rmsprop") else {}
+        opt = create_optimizer_v2(self.method.trainable(), opt=oc.name, lr=oc.lr,
+                                  weight_decay=oc.weight_decay, **kwargs)
+        if oc.sched == "constant" and oc.warmup_epochs == 0:
+            return opt, None
+        sched, _ = create_scheduler_v2(
+            opt, sched="step" if oc.sched == "constant" else oc.sched, num_epochs=tc.epochs,
+            decay_epochs=oc.decay_epochs[0] if oc.sched == "step" else tc.epochs * 10,
+            decay_milestones=oc.decay_epochs, decay_rate=1.0 if oc.sched == "constant" else oc.decay_rate,
+            min_lr=oc.min_lr, warmup_lr=oc.warmup_lr, warmup_epochs=oc.warmup_epochs,
+            step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+        return opt, sched
+
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved: the EMA when enabled, else the student."""
+        return self.ema.module if self.ema is not None else self.method.plain_student
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch, "global_step": self.global_step,
+            "best_top1": self.best_top1, "best_epoch": self.best_epoch,
+            "trainable": self.method.trainable().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.method.trainable().load_state_dict(state["trainable"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
+
+    def resume(self) -> bool:
+        path = self.out / "last.pt"
+        if not path.is_file():
+            log(f"no {path} to resume from; starting from scratch")
+            return False
+        self.load_state_dict(load_state(path))
+        log(f"resumed {self.out} after epoch {self.epoch}")
+        return True
+
+    def model_meta(self, result: EvalResult | None) -> dict:
+        student = self.method.plain_student
+        return {
+            "arch": getattr(student, "kdistill_arch", type(student).__name__),
+            "num_classes": len(self.classes), "classes": self.classes,
+            "preprocessing": self.preprocessing.to_dict(),
+            "drop_rate": self.cfg.model.drop_rate, "epoch": self.epoch,
+            "metrics": result.summary() if result else {},
+            "run": str(self.out.resolve()), "ema": self.ema is not None,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "kdistill_version": __version__, **self.method.describe(), **self.meta,
+        }
+
+    def save(self, result: EvalResult | None, is_best: bool) -> None:
+        if not dist.is_main():
+            return
+        meta = self.model_meta(result)
+        save_model(self.out / "last.safetensors", self.eval_model(), meta)
+        if is_best:
+            save_model(self.out / "best.safetensors", self.eval_model(), {**meta, "best": True})
+        save_state(self.out / "last.pt", self.state_dict())  # last: it marks the epoch as done
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        tc = self.cfg.train
+        resumed = tc.resume and self.resume()
+        logger = RunLogger(self.out, resume_epoch=self.epoch if resumed else None)
+        started = time.time()
+        last_result: EvalResult | None = None
+        try:
+            while self.epoch < tc.epochs:
+                stats = self.train_epoch(self.epoch)
+                self.epoch += 1
+                row = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                       **{f"train.{k}": v for k, v in stats.terms.items()},
+                       "train.images_per_s": stats.images / max(stats.seconds, 1e-9),
+                       "train.seconds": stats.seconds, "train.skipped": len(stats.skipped)}
+                result = None
+                if self.val_loader is not None and (self.epoch % tc.eval_every == 0 or self.epoch == tc.epochs):
+                    result = self.validate()
+                    last_result = result
+                    row.update({f"val.{k}": v for k, v in result.summary().items()})
+                is_best = result is None and self.val_loader is None or (
+                    result is not None and result.top1 > self.best_top1)
+                if is_best:
+                    self.best_top1 = result.top1 if result else self.best_top1
+                    self.best_epoch = self.epoch
+                self.save(result, is_best)
+                logger.epoch(row)
+                self._report_epoch(row, stats)
+        finally:
+            logger.close()
+        summary = self.summary(time.time() - started, last_result)
+        if dist.is_main():
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+    def train_epoch(self, epoch: int) -> EpochStats:
+        tc, oc = self.cfg.train, self.cfg.optim
+        seed_everything(tc.seed * 1000 + epoch)
+        self.train_loader.set_epoch(epoch)
+        self.method.train()
+        self.method.set_epoch(epoch, tc.epochs)
+        stats = EpochStats()
+        sums: dict[str, torch.Tensor] = {}
+        params = [p for p in self.method.trainable().parameters() if p.requires_grad]
+        bar = progress(self.steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
+        t0 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, batch in enumerate(self.train_loader):
+            if i >= self.steps_per_epoch:
+                break
+            stats.skipped += batch["skipped"]
+            if "image" not in batch:
+                continue
+            batch = self._to_device(batch)
+            step_now = (i + 1) % tc.accum_steps == 0
+            sync = contextlib.ExitStack()
+            if not step_now:
+                for m in self.method.ddp_modules():
+                    sync.enter_context(m.no_sync())
+            with sync:
+                with self.autocast():
+                    out = self.method(batch)
+                loss = out["loss"]
+                if not torch.isfinite(loss.detach()):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
+                        f"The last good checkpoint ({self.out / 'last.pt'}) is intact: lower "
+                        "optim.lr, set optim.clip_grad, or turn off train.amp, then --resume")
+                self.scaler.scale(loss / tc.accum_steps).backward()
+            if step_now:
+                if oc.clip_grad:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, oc.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.global_step += 1
+                if self.scheduler is not None:
+                    self.scheduler.step_update(num_updates=self.global_step)
+                if self.ema is not None:
+                    self.ema.update(self.method.plain_student, step=self.global_step)
+            n = batch["image"].shape[0]
+            stats.images += n
+            for k, v in out.items():
+                if k != "logits" and v.dim() == 0:
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+            rate = stats.images / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                            img_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        if self.scheduler is not None:
+            self.scheduler.step(epoch + 1)
+        stats.seconds = time.perf_counter() - t0
+        if sums:
+            keys = sorted(sums)
+            avg = dist.all_reduce_mean(torch.stack([sums[k] for k in keys]) / max(stats.images, 1))
+            stats.terms = {k: float(v) for k, v in zip(keys, avg)}
+        return stats
+
+    def _to_device(self, batch: dict) -> dict:
+        x = batch["image"].to(self.device, non_blocking=True).float().div_(255)
+        y = batch["target"].to(self.device, non_blocking=True)
+        if self.mixer is not None:
+            if len(x) % 2:  # timm's batch mixup pairs images: drop one of an odd batch
+                x, y, batch = x[:-1], y[:-1], {**batch, "index": batch["index"][:-1]}
+            x, y = self.mixer(x, y)
+        return {**batch, "image": x, "target": y, "index": batch["index"].to(self.device)}
+
+    def validate(self) -> EvalResult:
+        model = self.eval_model()
+        result = evaluate(model, self.method.student_prep, self.val_loader, len(self.classes),
+                          self.device, autocast=self.autocast)
+        if self.eval_hook is not None:
+            result.extra.update(self.eval_hook(model))
+        return result
+
+    def _report_epoch(self, row: dict, stats: EpochStats) -> None:
+        msg = (f"epoch {row['epoch']}/{self.cfg.train.epochs}  loss {row.get('train.loss', float('nan')):.4f}"
+               f"  {row['train.images_per_s']:.0f} img/s")
+        if "val.top1" in row:
+            msg += f"  val top1 {row['val.top1']:.4f}  mpa {row['val.mpa']:.4f}"
+        log(msg)
+        load_bad = getattr(getattr(self.train_loader, "dataset", None), "source", None)
+        bad = list(stats.skipped) + [p for p, _ in (load_bad.bad if load_bad else [])]
+        if bad:
+            log(f"warning: {len(bad)} unreadable training image(s) skipped this epoch, e.g. {bad[0]}")
+
+    def summary(self, seconds: float, last: EvalResult | None) -> dict:
+        rows = RunLogger.read(self.out / "metrics.jsonl") if (self.out / "metrics.jsonl").exists() else []
+        best = next((r for r in rows if r["epoch"] == self.best_epoch), {})
+        rates = [r["train.images_per_s"] for r in rows]
+        return {
+            "out": str(self.out), "model": self.cfg.model.name, "epochs": self.epoch,
+            "best_epoch": self.best_epoch,
+            "best": {k[4:]: v for k, v in best.items() if k.startswith("val.")},
+            "final": last.summary() if last else {},
+            "params": count_params(self.method.plain_student),
+            "train_images_per_s": sum(rates) / len(rates) if rates else None,
+            "seconds_this_session": round(seconds, 1), "device": str(self.device),
+            "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
+                       f"{torch.get_num_threads()} threads)",
+            "world_size": dist.world_size(), **self.method.describe(),
+        }

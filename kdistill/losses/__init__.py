@@ -1,0 +1,1 @@
+"""Loss functions on tensors, one file per family (logits, features, relations)."""

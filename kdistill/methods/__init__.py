@@ -1,0 +1,1 @@
+"""Training methods: an nn.Module whose forward(batch) returns named loss terms."""

@@ -1,0 +1,52 @@
+"""The contract between a training method and the (method-agnostic) loop."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.transforms import Preprocess
+
+
+class Method(nn.Module):
+    """A way of training ``student``.
+
+    ``forward(batch)`` gets ``batch["image"]`` as a float [0, 1] tensor on the device (after
+    mixup, if any) and ``batch["target"]`` (class indices or soft targets), and returns a
+    dict with the scalar ``"loss"`` to backpropagate plus any named terms to log (scalars)
+    and, optionally, the student's ``"logits"``.
+    """
+
+    name = "method"
+
+    def __init__(self, student: nn.Module, student_prep: Preprocess) -> None:
+        super().__init__()
+        self.student = student
+        self.student_prep = student_prep
+
+    @property
+    def plain_student(self) -> nn.Module:
+        """The student without its DDP wrapper (what gets saved and evaluated)."""
+        s = self.student
+        return s.module if isinstance(s, DistributedDataParallel) else s
+
+    def trainable(self) -> nn.Module:
+        """Modules whose parameters the optimizer updates (the student, plus any adapters)."""
+        return nn.ModuleDict({"student": self.plain_student})
+
+    def wrap_distributed(self, device_ids: list[int] | None) -> None:
+        """Wrap only trainable parts in DDP (frozen teachers stay plain)."""
+        self.student = DistributedDataParallel(self.student, device_ids=device_ids)
+
+    def ddp_modules(self) -> list[DistributedDataParallel]:
+        return [m for m in self.modules() if isinstance(m, DistributedDataParallel)]
+
+    def describe(self) -> dict:
+        """What the method was (recorded in checkpoints and model cards)."""
+        return {"method": self.name}
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Hook for schedules that depend on training progress (e.g. loss-weight warm-up)."""
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError

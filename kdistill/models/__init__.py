@@ -1,0 +1,185 @@
+"""create_model: kdistill's CIFAR zoo first, then timm, then torchvision.
+
+Names may carry a source prefix: ``timm:convnext_atto``, ``tv:resnet18``,
+``hf-hub:timm/resnet18.a1_in1k`` (Hugging Face Hub through timm).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.transforms import Preprocessing
+from ..errors import UserError
+from .zoo import zoo_builder, zoo_names
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """-> (source, bare name) with source in {'zoo', 'timm', 'tv'}."""
+    import timm
+    import torchvision
+
+    if name.startswith("hf-hub:"):
+        return "timm", name
+    known = {"timm": timm.is_model, "tv": lambda n: n in torchvision.models.list_models()}
+    for prefix, source in (("timm:", "timm"), ("tv:", "tv"), ("torchvision:", "tv")):
+        if name.startswith(prefix) and known[source](name[len(prefix):]):
+            return source, name[len(prefix):]
+    if ":" not in name:
+        if name in zoo_names():
+            return "zoo", name
+        for source in ("timm", "tv"):
+            if known[source](name):
+                return source, name
+    raise UserError(f"unknown model '{name}'; see `kdistill list models` (wildcards work: "
+                    f"`kdistill list models '{name.split(':')[-1][:4]}*'`)")
+
+
+def create_model(name: str, num_classes: int, pretrained: bool = False,
+                 checkpoint: str | None = None, pretrained_path: str | None = None,
+                 drop_rate: float = 0.0) -> nn.Module:
+    """Build ``name`` with a ``num_classes`` head.
+
+    ``pretrained`` loads timm / torchvision / Hugging Face weights (network, or the local
+    file ``pretrained_path``); the head is re-initialised when its size differs.
+    ``checkpoint`` loads a kdistill run or checkpoint whose architecture and classes match.
+    """
+    source, bare = resolve_name(name)
+    if source == "zoo":
+        if pretrained:
+            raise UserError(f"zoo model '{name}' has no published pretrained weights; "
+                            "drop --pretrained or use model.checkpoint")
+        model = zoo_builder(bare)(num_classes=num_classes, drop_rate=drop_rate)
+    elif source == "timm":
+        model = _create_timm(bare, num_classes, pretrained, pretrained_path, drop_rate)
+    else:
+        model = _create_torchvision(bare, num_classes, pretrained, pretrained_path)
+    model.kdistill_arch = arch_name(source, bare, model)  # type: ignore[attr-defined]
+    if checkpoint:
+        from .checkpoint import load_weights_into
+
+        load_weights_into(model, checkpoint, num_classes)
+    return model
+
+
+def arch_name(source: str, bare: str, model: nn.Module) -> str:
+    """A name that re-creates the architecture offline (hf-hub names resolve to timm's)."""
+    if source == "zoo":
+        return bare
+    if source == "timm" and bare.startswith("hf-hub:"):
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        return "timm:" + cfg.get("architecture", bare)
+    return f"{source}:{bare}"
+
+
+def _create_timm(name: str, num_classes: int, pretrained: bool, path: str | None,
+                 drop_rate: float) -> nn.Module:
+    import timm
+
+    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if pretrained and path:
+        _check_file(path)
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if pretrained:
+            raise UserError(f"cannot load pretrained weights for '{name}': "
+                            f"{str(err).splitlines()[0][:200]}") from None
+        raise
+
+
+def _create_torchvision(name: str, num_classes: int, pretrained: bool, path: str | None) -> nn.Module:
+    import torchvision
+
+    if not pretrained:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if path:
+        model = torchvision.models.get_model(name, weights=None)
+        state = read_state_dict(path)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise UserError(f"'{path}' does not hold {name} weights: "
+                            f"{str(err).splitlines()[0][:200]}") from None
+    else:
+        model = torchvision.models.get_model(name, weights="DEFAULT")
+    if _last_linear(model).out_features != num_classes:
+        replace_head(model, num_classes)
+    return model
+
+
+def _check_file(path: str) -> None:
+    if not Path(path).is_file():
+        raise UserError(f"weights file '{path}' does not exist")
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Weights from a .safetensors or torch file; unwraps {'state_dict': ...} / {'model': ...}."""
+    _check_file(path)
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"cannot read weights file '{path}': {str(err).splitlines()[0][:200]}") from None
+    for key in ("state_dict", "model", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file '{path}' does not hold a state dict")
+    return state
+
+
+def _last_linear(model: nn.Module) -> nn.Linear:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise UserError(f"cannot find the classifier of {type(model).__name__}")
+    return linears[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> None:
+    """Swap the last nn.Linear for a freshly initialised one with ``num_classes`` outputs."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+        return
+    target = _last_linear(model)
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if child is target:
+                setattr(parent, child_name, nn.Linear(target.in_features, num_classes))
+                return
+
+
+def default_preprocessing(model: nn.Module, pretrained: bool) -> Preprocessing | None:
+    """The input size and normalisation pretrained weights expect; None when trained here."""
+    if not pretrained:
+        return None
+    cfg = getattr(model, "pretrained_cfg", None)
+    if cfg:
+        from timm.data import resolve_data_config
+
+        dc = resolve_data_config({}, model=model)
+        return Preprocessing(int(dc["input_size"][-1]), list(dc["mean"]), list(dc["std"]),
+                             float(dc.get("crop_pct", 0.875)))
+    return Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 0.875)
+
+
+def list_models(pattern: str | None = None) -> dict[str, list[str]]:
+    """Model names by source; ``pattern`` is a shell wildcard."""
+    import timm
+    import torchvision
+    import fnmatch
+
+    tv = torchvision.models.list_models()
+    return {
+        "zoo": zoo_names(pattern),
+        "timm": timm.list_models(pattern) if pattern else timm.list_models(),
+        "torchvision": [n for n in tv if not pattern or fnmatch.fnmatch(n, pattern)],
+    }

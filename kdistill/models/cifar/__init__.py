@@ -1,0 +1,1 @@
+"""CIFAR-style (32 px) networks benchmarked in knowledge-distillation papers (CRD, torchdistill)."""

@@ -1,0 +1,72 @@
+"""Shared fixtures: tiny generated image datasets and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ["circle", "square", "stripes"]
+
+
+def make_image(cls: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """A learnable toy image: class-specific colour and pattern plus noise."""
+    img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2 + rng.uniform(-2, 2, 2)
+    if cls == 0:
+        mask = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 < (size / 3) ** 2
+        img[mask] = [220, 40, 40]
+    elif cls == 1:
+        a, b = int(size / 4), int(3 * size / 4)
+        img[a:b, a:b] = [40, 220, 40]
+    else:
+        img[(xx // 3) % 2 == 0] = [40, 40, 220]
+    return Image.fromarray(img)
+
+
+def make_folder(root: Path, per_class: dict[str, int], size: int = 32, seed: int = 0,
+                classes: list[str] = CLASSES, ext: str = "png") -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for ci, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                make_image(ci, size, rng).save(d / f"{i:03d}.{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """train/ (3 x 24 images), val/ (3 x 8), test/ (3 x 6), 32 px PNG."""
+    return make_folder(tmp_path_factory.mktemp("tiny"), {"train": 24, "val": 8, "test": 6})
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_root, tmp_path_factory) -> Path:
+    """A finished 2-epoch resnet8 run on the tiny data (shared by eval/export tests)."""
+    from kdistill.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "r8"
+    assert main(["train", "--data", str(tiny_root), "--model", "resnet8", "--epochs", "2",
+                 "--batch-size", "16", "--out", str(out), "--workers", "0", "--no-progress",
+                 "--lr", "0.05"]) == 0
+    return out
+
+
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m kdistill ARGS`` in a subprocess (for exit codes and stderr)."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "kdistill", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=ROOT)
+
+
+TRAIN_ARGS = ["--workers", "0", "--no-progress", "--batch-size", "16"]

@@ -1,0 +1,75 @@
+"""CLI contract: subcommands, eval --json, bad input -> exit 2 with one line, no traceback."""
+import json
+
+import pytest
+
+from conftest import run_cli
+
+
+def _one_line_error(proc, needle):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--data", "/nonexistent", "--model", "resnet20"], "'/nonexistent' does not exist"),
+    (["train", "--data", "{root}", "--model", "no_such_model", "--out", "{tmp}/x"], "kdistill list models"),
+    (["train", "--data", "{root}", "-o", "train.nope=1"], "unknown config key 'train.nope'"),
+    (["train", "--data", "{root}", "-o", "train.epochs=many"], "'train.epochs' expects int"),
+    (["train", "--data", "{root}", "--bogus"], "unrecognized arguments: --bogus"),
+    (["train", "-c", "{tmp}/missing.yaml"], "config file"),
+    (["eval", "{tmp}/none", "--data", "{root}"], "does not exist"),
+    (["eval", "{root}/train/circle/000.png", "--data", "{root}"], "cannot read checkpoint"),
+    (["train", "--model", "resnet8"], "--data"),
+])
+def test_bad_input(args, needle, tiny_root, tmp_path):
+    args = [a.format(root=tiny_root, tmp=tmp_path) for a in args]
+    _one_line_error(run_cli(*args), needle)
+
+
+def test_empty_class_folder(tmp_path):
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "d", {"train": 2, "val": 1})
+    (root / "train" / "ghost").mkdir()
+    _one_line_error(run_cli("train", "--data", str(root), "--model", "resnet8", "--out", str(tmp_path / "o")),
+                    "has no images")
+
+
+def test_unreadable_checkpoint_as_teacher_init(tmp_path, tiny_root):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    _one_line_error(run_cli("train", "--data", str(tiny_root), "--model", "resnet8", "--out", str(tmp_path / "o"),
+                            "-o", f"model.checkpoint={bad}"), "cannot read checkpoint")
+
+
+def test_eval_json_and_report(trained_run, tiny_root):
+    proc = run_cli("eval", str(trained_run), "--data", str(tiny_root), "--split", "test", "--json",
+                   "--workers", "0")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["n"] == 18 and all(0 <= out[k] <= 1 for k in ("top1", "top5", "mpa"))
+    report = trained_run / "eval-test"
+    for name in ("metrics.json", "per_class.csv", "confusion.csv", "confusion.png"):
+        assert (report / name).is_file()
+    rows = (report / "confusion.csv").read_text().splitlines()
+    assert len(rows) == 4 and sum(int(v) for r in rows[1:] for v in r.split(",")[1:]) == 18
+    tta = json.loads(run_cli("eval", str(trained_run), "--data", str(tiny_root), "--tta", "--json",
+                             "--workers", "0").stdout)
+    assert tta["tta"] is True and tta["n"] == 24
+
+
+def test_list_models_and_recipes():
+    proc = run_cli("list", "models")
+    assert proc.returncode == 0 and "resnet56" in proc.stdout and "# timm:" in proc.stdout
+    proc = run_cli("list", "models", "wrn_*")
+    assert "wrn_40_2" in proc.stdout and "resnet20" not in proc.stdout
+    proc = run_cli("list", "recipes")
+    assert proc.returncode == 0 and "configs/" in proc.stdout
+
+
+def test_python_dash_m_and_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("kdistill ")

@@ -1,0 +1,145 @@
+"""The training loop: outputs, repeatability, exact resume, divergence, loop options."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdistill.cli import main
+from kdistill.config import Config, build_config
+from kdistill.engine import run as run_mod
+from kdistill.errors import TrainingError
+from kdistill.methods.supervised import Supervised
+from kdistill.models.checkpoint import load_state, read_meta
+
+from conftest import ROOT, TRAIN_ARGS
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load_file(a), load_file(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_run_folder_contents(trained_run):
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "best.safetensors",
+                 "last.safetensors", "last.pt"):
+        assert (trained_run / name).is_file(), name
+    assert list((trained_run / "tb").glob("events.out.tfevents.*"))
+    r = rows(trained_run)
+    assert [x["epoch"] for x in r] == [1, 2]
+    assert {"train.loss", "train.ce", "lr", "val.top1", "val.mpa", "train.images_per_s"} <= r[0].keys()
+    meta = read_meta(trained_run / "best.safetensors")
+    assert meta["arch"] == "resnet8" and meta["classes"] == ["circle", "square", "stripes"]
+    assert meta["preprocessing"]["image_size"] == 32 and len(meta["preprocessing"]["mean"]) == 3
+    summary = json.loads((trained_run / "summary.json").read_text())
+    assert summary["epochs"] == 2 and 0 <= summary["best"]["top1"] <= 1
+    assert r[-1]["val.top1"] > 0.5  # the toy classes are easy
+
+
+def test_repeat_from_config_yaml(trained_run, tmp_path):
+    out = tmp_path / "again"
+    assert main(["train", "-c", str(trained_run / "config.yaml"), "--out", str(out), "--no-progress"]) == 0
+    assert same_weights(trained_run / "last.safetensors", out / "last.safetensors")
+    assert rows(out)[-1]["val.loss"] == rows(trained_run)[-1]["val.loss"]
+
+
+def test_refuses_to_overwrite_a_run(trained_run):
+    before = (trained_run / "last.pt").stat().st_mtime_ns
+    assert main(["train", "--data", "x", "--model", "resnet8", "--out", str(trained_run)]) == 2
+    assert (trained_run / "last.pt").stat().st_mtime_ns == before
+
+
+def _train_cmd(root, out, epochs, *extra):
+    return [sys.executable, "-m", "kdistill", "train", "--data", str(root), "--model", "resnet8",
+            "--epochs", str(epochs), "--out", str(out), "--seed", "3", "--no-progress",
+            "--batch-size", "8", "--workers", "1", "-o", "data.in_memory=no", *extra]
+
+
+def test_resume_after_kill_matches_uninterrupted(tiny_root, tmp_path):
+    """Kill -9 a run during epoch 2, resume it: same weights and metrics as a clean run."""
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    subprocess.run(_train_cmd(tiny_root, clean, 3), check=True, env=env, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tiny_root, killed, 3), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = load_state(killed / "last.pt")
+    assert state["epoch"] < 3  # really interrupted
+    subprocess.run(_train_cmd(tiny_root, killed, 3, "--resume"), check=True, env=env, capture_output=True)
+    assert same_weights(clean / "last.safetensors", killed / "last.safetensors")
+    assert same_weights(clean / "best.safetensors", killed / "best.safetensors")
+    strip = lambda rs: [{k: v for k, v in r.items() if "seconds" not in k and "per_s" not in k} for r in rs]
+    assert strip(rows(clean)) == strip(rows(killed))
+
+
+def test_resume_extends_a_finished_run(trained_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "ext"
+    shutil.copytree(trained_run, run)
+    assert main(["train", "--out", str(run), "--resume", "-o", "train.epochs=3", "--no-progress"]) == 0
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
+    assert load_state(run / "last.pt")["epoch"] == 3
+
+
+class _DivergesInEpoch2(Supervised):
+    def forward(self, batch):
+        out = super().forward(batch)
+        if self.epoch == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def set_epoch(self, epoch, epochs):
+        self.epoch = epoch
+
+
+def test_non_finite_loss_stops_with_intact_checkpoint(tiny_root, tmp_path):
+    cfg = build_config(Config, overrides=[f"data.root={tiny_root}", "model.name=resnet8", "train.epochs=3",
+                                          f"train.out={tmp_path / 'nan'}", "train.batch_size=16",
+                                          "data.workers=0", "train.progress=false"])
+    ctx = run_mod.prepare(cfg)
+    with pytest.raises(TrainingError, match="loss became nan at epoch 2.*intact"):
+        run_mod.fit(ctx, _DivergesInEpoch2(ctx.student, ctx.student_prep()))
+    state = load_state(tmp_path / "nan" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "nan" / "last.safetensors").values()
+               if v.is_floating_point())
+
+
+def test_loop_options_together(tiny_root, tmp_path):
+    """EMA + R-Drop + mixup/cutmix + label smoothing + accumulation + bf16 AMP + clipping + step lr."""
+    out = tmp_path / "opts"
+    assert main(["train", "--data", str(tiny_root), "--model", "resnet8", "--epochs", "2", "--out", str(out),
+                 *TRAIN_ARGS, "--amp", "--ema", "0.9", "-o", "train.rdrop=0.5", "-o", "model.drop_rate=0.2",
+                 "-o", "data.mixup=0.2", "-o", "data.cutmix=1.0", "-o", "data.label_smoothing=0.1",
+                 "-o", "train.accum_steps=2", "-o", "optim.clip_grad=1.0", "-o", "optim.sched=step",
+                 "-o", "optim.decay_epochs=[1]", "-o", "optim.warmup_epochs=1", "--opt", "adamw",
+                 "--lr", "0.003", "-o", "data.auto_augment=trivialaugment"]) == 0
+    r = rows(out)
+    assert {"train.rdrop", "train.ce"} <= r[0].keys() and all(
+        torch.isfinite(torch.tensor(x["train.loss"])) for x in r)
+    state = load_state(out / "last.pt")
+    assert state["global_step"] == 2 * (72 // 16 // 2)  # one update per 2 micro-batches
+    assert state["ema"] is not None and read_meta(out / "best.safetensors")["ema"] is True
+
+
+def test_checkpoint_class_mismatch(trained_run, tmp_path):
+    from conftest import make_folder
+
+    two = make_folder(tmp_path / "two", {"train": 4, "val": 2}, classes=["a", "b"])
+    code = main(["train", "--data", str(two), "--model", "resnet8", "--out", str(tmp_path / "m"),
+                 "-o", f"model.checkpoint={trained_run}", *TRAIN_ARGS])
+    assert code == 2
