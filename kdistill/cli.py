@@ -150,7 +150,7 @@ def list_recipes(pattern: str | None = None) -> list[tuple[str, str]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, args.data, quick=args.quick)
+    run_demo(args.out, args.data, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--data", default="fashion-mnist")
     d.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
     return p
 

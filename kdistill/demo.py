@@ -35,7 +35,8 @@ def demo_config(out: Path, data: str, model: str, epochs: int, size: dict, extra
         f"data.root={data}", f"model.name={model}", f"train.epochs={epochs}", f"train.out={out}",
         f"data.max_train_images={size['train_images']}", f"data.max_val_images={size['val_images']}",
         "train.batch_size=128", "optim.lr=0.1", "optim.warmup_epochs=0", "data.workers=0",
-        "data.hflip=0.5", "data.padding=2", *extra])
+        "data.hflip=0.5", "data.padding=2", "train.amp=true", "model.channels_last=true",
+        f"train.progress={str(size['progress']).lower()}", *extra])
 
 
 def run_arm(arm: Arm, out: Path, data: str, size: dict) -> dict:
@@ -78,8 +79,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str = "runs/demo", data: str = "fashion-mnist", quick: bool = False) -> list[dict]:
-    size = QUICK if quick else FULL
+def run_demo(out: str = "runs/demo", data: str = "fashion-mnist", quick: bool = False,
+             progress: bool = True) -> list[dict]:
+    size = dict(QUICK if quick else FULL, progress=progress)
     out_dir = Path(out)
     rows = []
     for arm in arms(size):

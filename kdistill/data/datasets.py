@@ -88,7 +88,7 @@ def decode_into_memory(source: Source, workers: int = 2) -> Source:
             if img is None:
                 bad.append((source.paths[i], err))
             else:
-                images.append(img)
+                images.append(torch.from_numpy(img))
                 keep.append(i)
     if not keep:
         raise UserError(f"none of the {len(source)} images of split '{source.name}' could be read")
@@ -109,8 +109,8 @@ class _RawFiles(Dataset):
     def __getitem__(self, i: int):
         from .sources import read_image
 
-        try:
-            return i, read_image(self.source.paths[i]), ""
+        try:  # numpy, not a tensor: tensors cross processes as one file descriptor each
+            return i, read_image(self.source.paths[i]).numpy(), ""
         except Exception as err:  # noqa: BLE001
             return i, None, f"{type(err).__name__}: {err}".splitlines()[0][:200]
 

@@ -1,0 +1,86 @@
+"""Shared helpers for bench/ scripts: reusable cached runs, machine info, BENCHMARKS.md sections."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = Path(os.environ.get("KDISTILL_BENCH_CACHE", ROOT / "bench" / "cache"))
+CIFAR = os.environ.get("KDISTILL_CIFAR", str(ROOT.parent / "shared" / "data" / "cifar10"))
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+RESULTS = ROOT / "bench" / "results"
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    return f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__}, {platform.system()}"
+
+
+def today() -> str:
+    return _dt.date.today().isoformat()
+
+
+def kdistill(*args: str, log: Path | None = None) -> None:
+    """Run the kdistill CLI in a subprocess (its output to ``log``); raise on failure."""
+    cmd = [sys.executable, "-m", "kdistill", *args]
+    print("$", " ".join(cmd), flush=True)
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
+
+
+def finished(out: Path, epochs: int) -> dict | None:
+    s = out / "summary.json"
+    if s.is_file():
+        summary = json.loads(s.read_text())
+        if summary.get("epochs") == epochs:
+            return summary
+    return None
+
+
+def ensure_run(command: str, out: Path, epochs: int, args: list[str]) -> dict:
+    """Train ``out`` unless already finished; resume it when interrupted (cached in CACHE)."""
+    done = finished(out, epochs)
+    if done:
+        print(f"reusing {out}", flush=True)
+        return done
+    extra = ["--resume"] if (out / "last.pt").exists() else []
+    kdistill(command, *args, "--out", str(out), "-o", f"train.epochs={epochs}", "--no-progress", *extra,
+             log=out.with_suffix(".log"))
+    return json.loads((out / "summary.json").read_text())
+
+
+def update_section(name: str, body: str) -> None:
+    """Replace (or append) the block between ``<!-- name -->`` markers in BENCHMARKS.md."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    BENCHMARKS.write_text(text)
+
+
+def save_result(name: str, obj) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(obj, indent=2) + "\n")

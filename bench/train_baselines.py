@@ -1,0 +1,85 @@
+"""Issue 2 benchmark: the CIFAR-10 resnet56 teacher and resnet20 baseline student, and
+kdistill's training throughput beside a plain PyTorch loop (same data, same steps).
+
+    .venv/bin/python bench/train_baselines.py            # trains (or reuses) both, then measures
+
+The teacher (bench/cache/cifar/resnet56) is reused by the distillation benchmarks. Runs are
+resumable: start the script again after a kill.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, CIFAR, ROOT, ensure_run, machine, save_result, today, update_section  # noqa: E402
+
+
+def measure_throughput(model: str, steps: int) -> dict:
+    from throughput import alternate, kdistill_loop, plain_loop
+
+    from kdistill.config import Config, build_config
+    from kdistill.data.loader import EpochLoader, train_dataset
+    from kdistill.engine.run import prepare
+    from kdistill.engine.trainer import Trainer
+    from kdistill.methods.supervised import Supervised
+    from kdistill.models import create_model
+
+    cfg = build_config(Config, [str(ROOT / "configs/cifar/resnet20_baseline.yaml")], overrides=[
+        f"data.root={CIFAR}", f"model.name={model}", f"train.max_steps_per_epoch={steps}",
+        "train.progress=false", f"train.out={CACHE / 'throughput'}", "train.resume=true"])
+    ctx = prepare(cfg)
+    pp = ctx.preprocessing
+
+    def kd_factory():
+        student = create_model(model, 10).to(memory_format=__import__("torch").channels_last)
+        ds = train_dataset(cfg.data, ctx.splits.train, ctx.splits.native_size, pp.image_size)
+        loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed)
+        method = Supervised(student, ctx.student_prep())
+        return Trainer(cfg, method, loader, None, ctx.device, ctx.out, ctx.classes, pp)
+
+    def plain():
+        import torch
+        student = create_model(model, 10).to(memory_format=torch.channels_last)
+        return plain_loop(ctx.splits.train, student, pp.mean, pp.std, steps, cfg.train.batch_size,
+                          cfg.data.workers)
+
+    best = alternate({"kdistill": lambda: kdistill_loop(kd_factory), "plain": plain})
+    return {"model": model, "steps": steps, "batch": cfg.train.batch_size, **best,
+            "ratio": best["kdistill"] / best["plain"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--teacher-epochs", type=int, default=40)
+    ap.add_argument("--student-epochs", type=int, default=15)
+    ap.add_argument("--steps", type=int, default=60, help="steps per throughput measurement")
+    args = ap.parse_args()
+
+    runs = {}
+    for name, conf, epochs in (("resnet56", "resnet56_teacher", args.teacher_epochs),
+                               ("resnet20", "resnet20_baseline", args.student_epochs)):
+        runs[name] = ensure_run("train", CACHE / "cifar" / name, epochs,
+                                ["-c", f"configs/cifar/{conf}.yaml", "--data", CIFAR])
+    speed = [measure_throughput(m, args.steps) for m in ("resnet20", "resnet56")]
+    result = {"date": today(), "machine": machine(), "runs": runs, "throughput": speed}
+    save_result("train_baselines", result)
+
+    lines = [f"Measured {today()} on {machine()} by `python bench/train_baselines.py`.", "",
+             "| model | recipe | epochs | val top-1 | val MPA | train img/s |", "|---|---|---|---|---|---|"]
+    for name, conf in (("resnet56", "resnet56_teacher"), ("resnet20", "resnet20_baseline")):
+        s = runs[name]
+        lines.append(f"| {name} | configs/cifar/{conf}.yaml | {s['epochs']} | {s['best']['top1']:.4f} | "
+                     f"{s['best']['mpa']:.4f} | {s['train_images_per_s']:.0f} |")
+    lines += ["", "Throughput, same data and steps in one process (bf16 AMP, channels_last, batch 128, "
+              f"{args.steps} steps, best of 2 interleaved rounds):", "",
+              "| model | kdistill img/s | plain PyTorch loop img/s | ratio |", "|---|---|---|---|"]
+    for t in speed:
+        lines.append(f"| {t['model']} | {t['kdistill']:.0f} | {t['plain']:.0f} | {t['ratio']:.2f} |")
+    update_section("train-baselines", "## Teacher and baseline student (CIFAR-10)\n\n" + "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
