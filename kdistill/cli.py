@@ -84,6 +84,50 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",
+                   help="teacher: run folder, checkpoint, NAME@WEIGHTS or model name (repeatable: ensemble)")
+    p.add_argument("--loss", action="append", metavar="NAME[:WEIGHT]",
+                   help="loss term, e.g. kd:0.9 (repeatable; see `kdistill list losses`)")
+    p.add_argument("--feature-pairs", metavar="S:T,...", help="student:teacher layer names")
+    p.add_argument("--self-distill", choices=["none", "ema", "born_again"])
+    p.add_argument("--generations", type=int, help="born_again: number of generations")
+    p.add_argument("--unlabeled", metavar="LIST_OR_DIR", help="extra images without labels (SSLD)")
+    p.add_argument("--unlabeled-fraction", type=float, metavar="F",
+                   help="share of unlabeled images in each batch (default: by counts)")
+    p.add_argument("--ignore-labels", action="store_true",
+                   help="treat every training row as unlabeled (PaddleClas SSLD lists with label 0)")
+
+
+def distill_config(args: argparse.Namespace):
+    from .engine.distill import DistillConfig
+
+    pairs = [p for p in (args.feature_pairs or "").split(",") if p.strip()] or None
+    return train_config(args, DistillConfig, {
+        "distill.teachers": args.teacher, "distill.losses": args.loss, "distill.feature_pairs": pairs,
+        "distill.self_distill": args.self_distill, "distill.generations": args.generations,
+        "data.unlabeled": args.unlabeled, "data.unlabeled_fraction": args.unlabeled_fraction,
+        "data.ignore_labels": True if args.ignore_labels else None})
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .engine.distill import distill
+
+    _print_summary(distill(distill_config(args)))
+    return 0
+
+
+def cmd_ssld(args: argparse.Namespace) -> int:
+    from .engine.ssld import SSLDConfig, ssld
+
+    cfg = train_config(args, SSLDConfig, {
+        "distill.teachers": args.teacher, "ssld.pool": args.pool, "ssld.top_k": args.top_k,
+        "ssld.dedup_against": args.dedup_against, "ssld.finetune_epochs": args.finetune_epochs,
+        "ssld.losses": args.loss, "ssld.unlabeled_fraction": args.unlabeled_fraction})
+    _print_summary(ssld(cfg))
+    return 0
+
+
 def _print_summary(summary: dict) -> None:
     from .engine import distributed as dist
 
@@ -93,6 +137,8 @@ def _print_summary(summary: dict) -> None:
     line = f"done: {summary['out']}  epochs {summary['epochs']}"
     if best:
         line += f"  best epoch {summary['best_epoch']}: top1 {best['top1']:.4f}  mpa {best['mpa']:.4f}"
+        if "agreement" in best:
+            line += f"  agreement {best['agreement']:.4f}"
     print(line)
 
 
@@ -102,13 +148,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.data:
         raise UserError("eval needs --data ROOT (the data to evaluate on)")
     summary, report = evaluate_run(args.run, args.data, args.split, args.tta, args.batch_size,
-                                   args.workers, args.device, args.report)
+                                   args.workers, args.device, args.report, args.teacher or [])
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{summary['checkpoint']} on {args.split}{' (TTA)' if args.tta else ''}: "
               f"top1 {summary['top1']:.4f}  top5 {summary['top5']:.4f}  mpa {summary['mpa']:.4f}  "
-              f"n {summary['n']}")
+              f"n {summary['n']}" + (f"  agreement {summary['agreement']:.4f}  KL to teacher "
+                                     f"{summary['kl_to_teacher']:.4f}" if "agreement" in summary else ""))
         print(f"report: {report}")
     return 0
 
@@ -126,6 +173,14 @@ def cmd_list(args: argparse.Namespace) -> int:
             else:
                 print(f"# {source}: {len(names)} models; filter with a pattern, "
                       f"e.g. `kdistill list models 'resnet*'`")
+    elif args.what == "losses":
+        from .losses import LOSSES
+
+        for name in LOSSES.names(args.pattern):
+            spec = LOSSES.get(name)
+            params = ", ".join(f"{k}={v}" for k, v in spec.params().items())
+            flags = "label-free" if spec.label_free else "needs labels"
+            print(f"{name:8s} {spec.family:9s} {flags:12s} {spec.summary}" + (f" [{params}]" if params else ""))
     elif args.what == "recipes":
         for path, cmd in list_recipes(args.pattern):
             print(f"{path}\n    {cmd}")
@@ -169,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(t)
     t.set_defaults(func=cmd_train)
 
+    ds = sub.add_parser("distill", help="distil a student from one or several teachers (or itself)")
+    add_train_args(ds)
+    add_distill_args(ds)
+    ds.set_defaults(func=cmd_distill)
+
+    sl = sub.add_parser("ssld", help="SSLD: mine unlabeled images, distil on labeled + mined, fine-tune")
+    add_train_args(sl)
+    sl.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT", help="the mining and teaching model")
+    sl.add_argument("--pool", metavar="DIR_OR_LIST", help="unlabeled images to mine")
+    sl.add_argument("--top-k", type=int, metavar="K", help="images kept per class")
+    sl.add_argument("--dedup-against", action="append", metavar="DIR_OR_LIST",
+                    help="evaluation images whose near-copies are removed (default: the data's val/ and test/)")
+    sl.add_argument("--loss", action="append", metavar="NAME[:WEIGHT]", help="distill-stage terms (default js)")
+    sl.add_argument("--unlabeled-fraction", type=float, metavar="F", help="share of mined images per batch")
+    sl.add_argument("--finetune-epochs", type=int, help="epochs of the labeled-only fine-tune (0: none)")
+    sl.set_defaults(func=cmd_ssld)
+
     e = sub.add_parser("eval", help="top-1/top-5/MPA, per-class accuracy and confusion matrix")
     e.add_argument("run", metavar="RUN_OR_CKPT")
     e.add_argument("--data", metavar="ROOT")
@@ -179,10 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--workers", type=int, default=2)
     e.add_argument("--device", default="auto")
     e.add_argument("--report", metavar="DIR", help="report folder (default beside the checkpoint)")
+    e.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",
+                   help="also report student-teacher agreement and KL (repeatable: ensemble)")
     e.set_defaults(func=cmd_eval)
 
     ls = sub.add_parser("list", help="list models, losses or recipes")
-    ls.add_argument("what", choices=["models", "recipes"])
+    ls.add_argument("what", choices=["models", "losses", "recipes"])
     ls.add_argument("pattern", nargs="?", help="shell wildcard, e.g. 'resnet*'")
     ls.set_defaults(func=cmd_list)
 

@@ -32,6 +32,9 @@ class DataConfig:
     std: list[float] | None = None
     in_memory: Literal["auto", "yes", "no"] = "auto"  # decode small images once into RAM
     workers: int = 2
+    unlabeled: str | None = None  # extra images without labels (folder or list file; SSLD)
+    unlabeled_fraction: float | None = None  # share of each batch; None: in proportion to counts
+    ignore_labels: bool = False  # PaddleClas SSLD lists: every training row is unlabeled (label 0)
     max_train_images: int | None = None  # a fixed, seeded subset (quick runs, demos)
     max_val_images: int | None = None
     # augmentation (torchvision transforms v2)
@@ -55,6 +58,8 @@ class DataConfig:
         _check(self.mixup >= 0 and self.cutmix >= 0, "data.mixup", "alphas must be >= 0")
         _check(0 < self.eval_crop_pct <= 1, "data.eval_crop_pct", "must be in (0, 1]")
         _check(self.image_size is None or self.image_size >= 8, "data.image_size", "must be >= 8")
+        _check(self.unlabeled_fraction is None or 0 <= self.unlabeled_fraction <= 1,
+               "data.unlabeled_fraction", "must be in [0, 1]")
         for key in ("mean", "std"):
             v = getattr(self, key)
             _check(v is None or len(v) == 3, f"data.{key}", "must have 3 values (RGB)")

@@ -1,4 +1,5 @@
-"""``kdistill demo``: teacher vs student on Fashion-MNIST in a few minutes on 2 CPU cores.
+"""``kdistill demo``: teacher, baseline student and KD student on Fashion-MNIST in a few
+minutes on 2 CPU cores.
 
 Each arm is an ordinary run folder under ``--out``; a finished arm is reused and an
 interrupted one resumed, so the demo can be stopped and started again.
@@ -28,10 +29,12 @@ class Arm:
     epochs: int
     run: Callable[[Config], dict]
     overrides: list[str]
+    config: type = Config
 
 
-def demo_config(out: Path, data: str, model: str, epochs: int, size: dict, extra: list[str]) -> Config:
-    return build_config(Config, overrides=[
+def demo_config(out: Path, data: str, model: str, epochs: int, size: dict, extra: list[str],
+                cls: type = Config) -> Config:
+    return build_config(cls, overrides=[
         f"data.root={data}", f"model.name={model}", f"train.epochs={epochs}", f"train.out={out}",
         f"data.max_train_images={size['train_images']}", f"data.max_val_images={size['val_images']}",
         "train.batch_size=128", "optim.lr=0.1", "optim.warmup_epochs=0", "data.workers=0",
@@ -50,15 +53,18 @@ def run_arm(arm: Arm, out: Path, data: str, size: dict) -> dict:
             return done
     resume = ["train.resume=true"] if (run / "last.pt").exists() else []
     log(f"[{arm.name}] training {arm.model} for {arm.epochs} epoch(s) -> {run}")
-    return arm.run(demo_config(run, data, arm.model, arm.epochs, size, arm.overrides + resume))
+    return arm.run(demo_config(run, data, arm.model, arm.epochs, size, arm.overrides + resume, arm.config))
 
 
-def arms(size: dict) -> list[Arm]:
+def arms(size: dict, out: Path) -> list[Arm]:
+    from .engine.distill import DistillConfig, distill
     from .engine.run import train
 
     (t_model, t_epochs), (s_model, s_epochs) = size["teacher"], size["student"]
+    kd = ["distill.losses=[kd:0.9, ce:0.1]", f"distill.teachers=[{out / 'teacher'}]"]
     return [Arm("teacher", t_model, t_epochs, train, []),
-            Arm("student", s_model, s_epochs, train, [])]
+            Arm("student", s_model, s_epochs, train, []),
+            Arm("kd-student", s_model, s_epochs, distill, kd, DistillConfig)]
 
 
 def row(name: str, run: Path, summary: dict) -> dict:
@@ -71,11 +77,14 @@ def row(name: str, run: Path, summary: dict) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = "| arm | model | epochs | top-1 | MPA | params | MFLOPs | CPU ms/img (batch 1) |"
-    lines = [head, "|" + "---|" * 8]
+    head = ("| arm | model | epochs | top-1 | MPA | top-1 vs student | params | MFLOPs "
+            "| CPU ms/img (batch 1) |")
+    lines = [head, "|" + "---|" * 9]
+    base = next((r for r in rows if r["arm"] == "student"), None)
     for r in rows:
+        gain = f"{r['top1'] - base['top1']:+.4f}" if base and r["arm"] != "teacher" else "-"
         lines.append(f"| {r['arm']} | {r['model']} | {r['epochs']} | {r['top1']:.4f} | {r['mpa']:.4f} "
-                     f"| {r['params'] / 1e6:.3f}M | {r['mflops']:.1f} | {r['latency_ms']:.2f} |")
+                     f"| {gain} | {r['params'] / 1e6:.3f}M | {r['mflops']:.1f} | {r['latency_ms']:.2f} |")
     return "\n".join(lines)
 
 
@@ -84,7 +93,7 @@ def run_demo(out: str = "runs/demo", data: str = "fashion-mnist", quick: bool = 
     size = dict(QUICK if quick else FULL, progress=progress)
     out_dir = Path(out)
     rows = []
-    for arm in arms(size):
+    for arm in arms(size, out_dir):
         summary = run_arm(arm, out_dir, data, size)
         rows.append(row(arm.name, out_dir / arm.name, summary))
     text = table(rows)

@@ -73,3 +73,15 @@ def test_list_models_and_recipes():
 def test_python_dash_m_and_version():
     proc = run_cli("--version")
     assert proc.returncode == 0 and proc.stdout.startswith("kdistill ")
+
+
+def test_demo_quick_has_teacher_student_and_kd_arms(tmp_path):
+    from conftest import make_folder
+
+    root = make_folder(tmp_path / "d", {"train": 50, "val": 10}, size=28)
+    proc = run_cli("demo", "--quick", "--data", str(root), "--out", str(tmp_path / "demo"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    assert [r["arm"] for r in rows] == ["teacher", "student", "kd-student"]
+    assert all(r["params"] > 0 and r["mflops"] > 0 and r["latency_ms"] > 0 for r in rows)
+    assert "top-1 vs student" in proc.stdout

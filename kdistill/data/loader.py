@@ -4,14 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
 from ..config import DataConfig
 from ..errors import UserError
 from ..engine import distributed as dist
 from .datasets import (ImageDataset, channel_stats, collate, decode_into_memory, open_source,
                        stratified_subset, want_in_memory)
-from .sources import Source
+from .mixed import MixedBatchSampler, MixedDataset
+from .sources import UNLABELED, Source, open_unlabeled
 from .transforms import Preprocessing, eval_transform, train_transform
 
 
@@ -20,6 +21,7 @@ class Splits:
     train: Source
     val: Source | None
     native_size: int  # the training images' own (square-ish) size, from the first one
+    unlabeled: Source | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -33,11 +35,12 @@ def open_splits(cfg: DataConfig, need_val: bool = True) -> Splits:
         train = stratified_subset(train, cfg.max_train_images)
     if val is not None and cfg.max_val_images:
         val = stratified_subset(val, cfg.max_val_images)
-    if want_in_memory(train, cfg.in_memory):
-        train = decode_into_memory(train, cfg.workers)
-    if val is not None and want_in_memory(val, cfg.in_memory):
-        val = decode_into_memory(val, cfg.workers)
-    return Splits(train, val, native_size(train))
+    if cfg.ignore_labels:
+        train = Source(train.name, train.classes, [UNLABELED] * len(train), train.paths, train.array, train.bad)
+    unlabeled = open_unlabeled(cfg.unlabeled, train.classes) if cfg.unlabeled else None
+    train, val, unlabeled = (decode_into_memory(s, cfg.workers) if s is not None and want_in_memory(s, cfg.in_memory)
+                             else s for s in (train, val, unlabeled))
+    return Splits(train, val, native_size(train), unlabeled)
 
 
 def native_size(source: Source) -> int:
@@ -63,9 +66,14 @@ def resolve_preprocessing(cfg: DataConfig, splits: Splits,
     return Preprocessing(size, list(mean), list(std), crop_pct)
 
 
-def train_dataset(cfg: DataConfig, source: Source, native: int, size: int) -> ImageDataset:
+def train_dataset(cfg: DataConfig, source: Source, native: int, size: int,
+                  unlabeled: Source | None = None) -> Dataset:
+    """The augmented training set; with ``unlabeled``, a :class:`MixedDataset` (labeled
+    first) whose unlabeled images get the same augmentation."""
     tf = train_transform(size, native, cfg.crop, cfg.scale, cfg.padding, cfg.hflip, cfg.auto_augment)
-    return ImageDataset(source, tf)
+    if unlabeled is None:
+        return ImageDataset(source, tf)
+    return MixedDataset(ImageDataset(source, tf), ImageDataset(unlabeled, tf))
 
 
 def eval_dataset(source: Source, pp: Preprocessing) -> ImageDataset:
@@ -87,28 +95,37 @@ class ShardSampler(Sampler[int]):
 
 class EpochLoader:
     """A training DataLoader whose shuffling and worker seeds are a function of
-    ``(seed, epoch, rank)`` only, so a resumed run replays exactly the same batches."""
+    ``(seed, epoch, rank)`` only, so a resumed run replays exactly the same batches.
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, workers: int, seed: int,
-                 pin_memory: bool = False) -> None:
+    With ``unlabeled_fraction`` (a :class:`MixedDataset`), every batch holds that share of
+    unlabeled images; otherwise images are drawn uniformly from the whole dataset."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int,
+                 pin_memory: bool = False, unlabeled_fraction: float | None = None) -> None:
         self.seed = seed
         self.dataset = dataset
         self.generator = torch.Generator()
+        common = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
+                      generator=self.generator, persistent_workers=False)
+        if unlabeled_fraction is not None:
+            self.sampler: Sampler = MixedBatchSampler(
+                dataset.n_labeled, len(dataset.unlabeled), batch_size, unlabeled_fraction, seed,
+                dist.rank(), dist.world_size())
+            self.loader = DataLoader(dataset, batch_sampler=self.sampler, **common)
+            return
         if dist.is_distributed():
-            self.sampler: Sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+            self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
         else:
             self.sampler = RandomSampler(dataset, generator=self.generator)
         if len(self.sampler) < batch_size:  # type: ignore[arg-type]
             raise UserError(f"the training split has {len(dataset)} images, fewer than one batch "
                             f"of {batch_size} per process; lower --batch-size")
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
-                                 num_workers=workers, collate_fn=collate, drop_last=True,
-                                 pin_memory=pin_memory, generator=self.generator,
-                                 persistent_workers=False)
+                                 drop_last=True, **common)
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100_003 + epoch * 1_009 + dist.rank())
-        if isinstance(self.sampler, DistributedSampler):
+        if isinstance(self.sampler, (DistributedSampler, MixedBatchSampler)):
             self.sampler.set_epoch(epoch)
 
     def __iter__(self):

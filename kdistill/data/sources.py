@@ -181,6 +181,46 @@ def open_split(spec: str, name: str, classes: list[str] | None = None,
     raise UserError(f"{name} data '{spec}' does not exist (need a folder of class folders or a list file)")
 
 
+# ------------------------------------------------------------------ unlabeled images
+
+UNLABELED = -1  # the target of an image without a label
+
+
+def scan_images(root: Path) -> list[str]:
+    """Every image file under ``root``, recursively, sorted (no class structure needed)."""
+    return sorted(os.path.join(dp, f) for dp, _, fs in os.walk(root, followlinks=True)
+                  for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def read_paths(path: Path) -> list[str]:
+    """Image paths of a list file (``path [label] [# comment]`` lines; labels ignored),
+    relative to the file's folder."""
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        p = parts[0] if len(parts) == 2 and parts[1].lstrip("-").isdigit() else line
+        out.append(p if os.path.isabs(p) else str(path.parent / p))
+    return out
+
+
+def open_unlabeled(spec: str, classes: list[str], name: str = "unlabeled") -> Source:
+    """A folder (searched recursively) or list file of images whose labels are not used:
+    every target is ``UNLABELED``."""
+    p = Path(spec)
+    if p.is_dir():
+        paths = scan_images(p)
+    elif p.is_file():
+        paths = read_paths(p)
+    else:
+        raise UserError(f"{name} images '{spec}' do not exist (need a folder or a list file)")
+    if not paths:
+        raise UserError(f"{name} images '{spec}' hold no image files")
+    return Source(name, classes, [UNLABELED] * len(paths), paths)
+
+
 # ------------------------------------------------------------------ Fashion-MNIST
 
 

@@ -8,7 +8,7 @@ import contextlib
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,57 @@ class Accumulator:
         return EvalResult(top1=top1, top5=float(self.top5.compute()), mpa=mpa, n=n,
                           loss=float(self.loss.compute()) / max(n, 1), per_class=per_class,
                           confusion=cm.long().tolist())
+
+
+class EvalHook(Protocol):
+    """Extra statistics gathered during an evaluation pass (see :class:`Agreement`)."""
+
+    def reset(self) -> None: ...
+
+    def update(self, batch: dict, probs: torch.Tensor) -> None: ...
+
+    def compute(self) -> dict: ...
+
+
+class Agreement:
+    """Student-teacher top-1 agreement and mean ``KL(p_teacher || p_student)`` (nats, T=1).
+
+    The teacher's probabilities on the evaluation images are computed once and kept by
+    image index (the images do not change between epochs); sums are DDP-reduced.
+    """
+
+    def __init__(self, teacher: Callable[[torch.Tensor], torch.Tensor], n_images: int,
+                 num_classes: int, device: torch.device) -> None:
+        from torchmetrics import SumMetric
+
+        self.teacher, self.device = teacher, device
+        self.cache = torch.zeros(n_images, num_classes, device=device)
+        self.known = torch.zeros(n_images, dtype=torch.bool, device=device)
+        self.agree, self.kl, self.count = (SumMetric().to(device) for _ in range(3))
+
+    def reset(self) -> None:
+        for m in (self.agree, self.kl, self.count):
+            m.reset()
+
+    @torch.no_grad()
+    def update(self, batch: dict, probs: torch.Tensor) -> None:
+        idx = batch["index"].to(self.device)
+        todo = ~self.known[idx]
+        if todo.any():
+            x = batch["image"].to(self.device)[todo]
+            self.cache[idx[todo]] = self.teacher(x.float().div_(255)).float().softmax(-1)
+            self.known[idx[todo]] = True
+        p_t = self.cache[idx]
+        kl = (p_t * (p_t.clamp_min(1e-12).log() - probs.float().clamp_min(1e-12).log())).sum(-1)
+        self.agree.update((p_t.argmax(-1) == probs.argmax(-1)).sum().float())
+        self.kl.update(kl.sum())
+        self.count.update(torch.tensor(float(len(idx)), device=self.device))
+
+    def compute(self) -> dict:
+        n = float(self.count.compute())
+        if n == 0:
+            return {}
+        return {"agreement": float(self.agree.compute()) / n, "kl_to_teacher": float(self.kl.compute()) / n}
 
 
 @torch.no_grad()

@@ -4,8 +4,6 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -20,6 +18,7 @@ from ..models import create_model, default_preprocessing
 from ..models.checkpoint import meta_preprocessing, read_meta, resolve_checkpoint
 from ..utils import resolve_device, seed_everything
 from . import distributed as dist
+from .evaluate import EvalHook
 from .trainer import Trainer
 
 
@@ -84,13 +83,21 @@ def prepare(cfg: Config) -> RunContext:
     return RunContext(cfg, device, out, splits, student, pp)
 
 
-def fit(ctx: RunContext, method: Method, meta: dict | None = None,
-        eval_hook: Callable[[nn.Module], dict] | None = None) -> dict:
-    """Build loaders for ``method`` and train; rank 0 writes ``<out>/config.yaml`` first."""
+def fit(ctx: RunContext, method: Method, meta: dict | None = None, eval_hook: EvalHook | None = None,
+        crop_size: int | None = None) -> dict:
+    """Build loaders for ``method`` and train; rank 0 writes ``<out>/config.yaml`` first.
+
+    ``crop_size``: resolution of the training crops when it differs from the student's
+    (e.g. a teacher at a higher resolution: each model resizes the same crop)."""
     cfg, dc = ctx.cfg, ctx.cfg.data
     pin = ctx.device.type == "cuda"
-    train_ds = train_dataset(dc, ctx.splits.train, ctx.splits.native_size, ctx.preprocessing.image_size)
-    loader = EpochLoader(train_ds, cfg.train.batch_size, dc.workers, cfg.train.seed, pin)
+    unlabeled = ctx.splits.unlabeled
+    if (unlabeled is not None or dc.ignore_labels) and (dc.mixup > 0 or dc.cutmix > 0):
+        raise UserError("mixup/cutmix mix labels, so they cannot be used with unlabeled images")
+    train_ds = train_dataset(dc, ctx.splits.train, ctx.splits.native_size,
+                             crop_size or ctx.preprocessing.image_size, unlabeled)
+    fraction = dc.unlabeled_fraction if unlabeled is not None else None
+    loader = EpochLoader(train_ds, cfg.train.batch_size, dc.workers, cfg.train.seed, pin, fraction)
     val = None
     if ctx.splits.val is not None:
         val = eval_loader(eval_dataset(ctx.splits.val, ctx.preprocessing), cfg.eval.batch_size,
@@ -106,6 +113,8 @@ def fit(ctx: RunContext, method: Method, meta: dict | None = None,
 
 def train(cfg: Config) -> dict:
     """``kdistill train``: supervised training of ``cfg.model`` on ``cfg.data``."""
+    if cfg.data.unlabeled or cfg.data.ignore_labels:
+        raise UserError("training on unlabeled images needs a teacher: use kdistill distill")
     ctx = prepare(cfg)
     method = Supervised(ctx.student, ctx.student_prep(), cfg.data.label_smoothing, cfg.train.rdrop)
     try:
@@ -116,8 +125,9 @@ def train(cfg: Config) -> dict:
 
 def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = False,
                  batch_size: int = 256, workers: int = 2, device: str = "auto",
-                 out: str | None = None) -> tuple[dict, Path]:
-    """``kdistill eval``: metrics of a checkpoint on one split, with a report folder."""
+                 out: str | None = None, teachers: list[str] = ()) -> tuple[dict, Path]:
+    """``kdistill eval``: metrics of a checkpoint on one split, with a report folder; with
+    ``teachers``, also student-teacher agreement and mean KL to the (ensemble) teacher."""
     from ..data.datasets import open_source
     from ..models.checkpoint import load_model
     from .evaluate import evaluate, write_report
@@ -128,7 +138,19 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = Fa
     source = open_source(root, split, classes=meta["classes"])
     pp = meta_preprocessing(meta)
     loader = eval_loader(eval_dataset(source, pp), batch_size, workers, dev.type == "cuda")
-    result = evaluate(model, Preprocess(pp).to(dev), loader, meta["num_classes"], dev, tta=tta)
+    hook = None
+    if teachers:
+        from ..methods.teachers import TeacherSet, load_teacher
+        from .evaluate import Agreement
+
+        tset = TeacherSet([load_teacher(t, meta["classes"], dev) for t in teachers])
+        if tset.merged:
+            raise UserError("agreement needs teachers over the student's classes, not subsets")
+        hook = Agreement(tset, len(source), meta["num_classes"], dev)
+    result = evaluate(model, Preprocess(pp).to(dev), loader, meta["num_classes"], dev, tta=tta,
+                      on_batch=hook.update if hook else None)
+    if hook:
+        result.extra.update(hook.compute())
     if result.n == 0:
         raise UserError(f"no readable image in the '{split}' split of '{root}'")
     name = f"eval-{split}{'-tta' if tta else ''}"

@@ -29,7 +29,7 @@ from ..models.checkpoint import load_state, save_model, save_state
 from ..utils import count_params, seed_everything, write_json
 from . import distributed as dist
 from .callbacks import RunLogger, log, progress
-from .evaluate import EvalResult, evaluate
+from .evaluate import EvalHook, EvalResult, evaluate
 
 
 def autocast_factory(device: torch.device, enabled: bool, dtype_name: str = "auto"
@@ -59,7 +59,7 @@ class Trainer:
     def __init__(self, cfg: Config, method: Method, train_loader, val_loader, device: torch.device,
                  out: Path, classes: list[str], preprocessing: Preprocessing,
                  mixer: Callable | None = None, meta: dict | None = None,
-                 eval_hook: Callable[[nn.Module], dict] | None = None) -> None:
+                 eval_hook: "EvalHook | None" = None) -> None:
         from timm.utils import ModelEmaV3
 
         self.cfg, self.method, self.device, self.out = cfg, method, device, Path(out)
@@ -117,6 +117,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "method": self.method.extra_state(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -127,6 +128,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        self.method.load_extra_state(state.get("method") or {})
         self.epoch, self.global_step = state["epoch"], state["global_step"]
         self.best_top1, self.best_epoch = state["best_top1"], state["best_epoch"]
 
@@ -243,6 +245,7 @@ class Trainer:
                     self.scheduler.step_update(num_updates=self.global_step)
                 if self.ema is not None:
                     self.ema.update(self.method.plain_student, step=self.global_step)
+                self.method.after_step()
             n = batch["image"].shape[0]
             stats.images += n
             for k, v in out.items():
@@ -273,10 +276,13 @@ class Trainer:
 
     def validate(self) -> EvalResult:
         model = self.eval_model()
+        hook = self.eval_hook
+        if hook is not None:
+            hook.reset()
         result = evaluate(model, self.method.student_prep, self.val_loader, len(self.classes),
-                          self.device, autocast=self.autocast)
-        if self.eval_hook is not None:
-            result.extra.update(self.eval_hook(model))
+                          self.device, autocast=self.autocast, on_batch=hook.update if hook else None)
+        if hook is not None:
+            result.extra.update(hook.compute())
         return result
 
     def _report_epoch(self, row: dict, stats: EpochStats) -> None:

@@ -48,5 +48,15 @@ class Method(nn.Module):
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Hook for schedules that depend on training progress (e.g. loss-weight warm-up)."""
 
+    def after_step(self) -> None:
+        """Hook called after every optimizer step (e.g. to update an EMA teacher)."""
+
+    def extra_state(self) -> dict:
+        """Non-trainable state to keep in ``last.pt`` for resume (e.g. an EMA teacher)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,0 +1,186 @@
+"""``kdistill distill``: a config section for distillation, building the method (teachers,
+feature capture, adapters sized by a dry forward pass), and born-again generations."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..config import Config, _check
+from ..errors import UserError
+from ..losses import LOSSES, Shapes, build_loss
+from ..methods.distill import Distill, LossBank, TermSpec, self_teacher
+from ..methods.teachers import TeacherSet, load_teacher
+from ..models.hooks import FeatureCapture, pair_layers
+from ..utils import write_json
+from . import distributed as dist
+from .callbacks import log
+from .evaluate import Agreement
+from .run import RunContext, fit, prepare, run_folder, train
+
+
+@dataclass
+class DistillSection:
+    """Teachers, loss terms and self-distillation."""
+
+    teachers: list[str] = field(default_factory=list)  # run folders, checkpoints, NAME@FILE, model names
+    teacher_weights: list[float] | None = None  # ensemble / merge weights (default equal)
+    ensemble: Literal["prob", "logit"] = "prob"  # average probabilities or logits
+    losses: list[str] = field(default_factory=lambda: ["kd:0.9", "ce:0.1"])  # name[:weight]
+    loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {kd: {temperature: 4}}
+    warmup_epochs: dict[str, int] = field(default_factory=dict)  # linear warm-up of a term's weight
+    feature_pairs: list[str] = field(default_factory=list)  # 'student_layer:teacher_layer'
+    self_distill: Literal["none", "ema", "born_again"] = "none"
+    generations: int = 2  # born_again: students trained in sequence, each teaching the next
+    self_start: float = 0.5  # ema: fraction of the epochs before the EMA teacher starts teaching
+    self_decay: float = 0.999  # ema: per-step decay of the teacher's weights
+    agreement: bool = True  # report student-teacher agreement on val every epoch
+
+    def __post_init__(self) -> None:
+        _check(self.generations >= 1, "distill.generations", "must be >= 1")
+        _check(0 <= self.self_start < 1, "distill.self_start", "must be in [0, 1)")
+        _check(0 < self.self_decay < 1, "distill.self_decay", "must be in (0, 1)")
+        _check(bool(self.losses), "distill.losses", "needs at least one loss (e.g. kd)")
+
+
+@dataclass
+class DistillConfig(Config):
+    distill: DistillSection = field(default_factory=DistillSection)
+
+
+def parse_terms(sd: DistillSection) -> list[TermSpec]:
+    terms = [TermSpec.parse(t, sd.warmup_epochs) for t in sd.losses]
+    names = [t.name for t in terms]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise UserError(f"loss '{dup}' is given twice; give each loss once with its weight")
+    for key, table in (("loss_params", sd.loss_params), ("warmup_epochs", sd.warmup_epochs)):
+        stray = [n for n in table if n not in names]
+        if stray:
+            raise UserError(f"distill.{key} names loss '{stray[0]}', which is not among the losses "
+                            f"({', '.join(names)})")
+    return terms
+
+
+def build_teachers(ctx: RunContext, sd: DistillSection, needs_teacher: bool) -> tuple[TeacherSet | None, int | None]:
+    """-> (teachers, self_start epoch or None)."""
+    cl = ctx.cfg.model.channels_last
+    if sd.self_distill == "ema":
+        if sd.teachers:
+            raise UserError("distill.self_distill=ema teaches the student with itself; drop --teacher")
+        return self_teacher(ctx.student, ctx.student_prep()), round(sd.self_start * ctx.cfg.train.epochs)
+    if not sd.teachers:
+        if needs_teacher:
+            raise UserError("distill needs --teacher RUN_OR_CKPT (or --self-distill ema|born_again)")
+        return None, None
+    teachers = [load_teacher(t, ctx.classes, ctx.device, cl) for t in sd.teachers]
+    return TeacherSet(teachers, sd.teacher_weights, sd.ensemble), None
+
+
+def build_method(ctx: RunContext, sd: DistillSection) -> tuple[Distill, int]:
+    """The Distill method and the training crop size (the largest model resolution)."""
+    terms = parse_terms(sd)
+    specs = {t.name: LOSSES.get(t.name) for t in terms}
+    teachers, self_start = build_teachers(ctx, sd, any(s.needs_teacher for s in specs.values()))
+    families = {s.family for s in specs.values()}
+    need_feats, need_embed = "features" in families, "relations" in families
+    s_cap = t_cap = None
+    student, prep = ctx.student, ctx.student_prep()
+    crop = max([prep.size] + [t.prep.size for t in (teachers.teachers if teachers else [])])
+    if need_feats or need_embed:
+        if teachers is None or teachers.single is None:
+            raise UserError("feature and relation losses need exactly one teacher over the same "
+                            "classes; use logit losses (kd, dkd, ...) for ensembles and merged teachers")
+        t_model = teachers.single.model
+        pairs = pair_layers(student, t_model, sd.feature_pairs) if need_feats else []
+        s_cap = FeatureCapture(student, [s for s, _ in pairs], need_embed, "the student")
+        t_cap = FeatureCapture(t_model, [t for _, t in pairs], need_embed, "the teacher")
+        if pairs:
+            log("feature pairs (student:teacher): " + ", ".join(f"{s}:{t}" for s, t in pairs))
+    shapes = dry_run(ctx, teachers, s_cap, t_cap, crop)
+    bank = LossBank({t.name: build_loss(t.name, shapes, **sd.loss_params.get(t.name, {})) for t in terms})
+    method = Distill(student, prep, teachers, terms, bank.to(ctx.device), s_cap, t_cap, self_start,
+                     sd.self_decay)
+    return method, crop
+
+
+@torch.no_grad()
+def dry_run(ctx: RunContext, teachers: TeacherSet | None, s_cap: FeatureCapture | None,
+            t_cap: FeatureCapture | None, crop: int) -> Shapes:
+    """Shapes of captured features and embeddings from one forward of a 2-image batch."""
+    shapes = Shapes(len(ctx.classes))
+    if s_cap is None:
+        return shapes
+    x = torch.rand(2, 3, crop, crop, device=ctx.device)
+    was = ctx.student.training
+    ctx.student.eval()
+    ctx.student(ctx.student_prep()(x))
+    ctx.student.train(was)
+    teachers.teachers[0](x)
+    for cap, feats_attr, embed_attr in ((s_cap, "s_feats", "s_embed"), (t_cap, "t_feats", "t_embed")):
+        setattr(shapes, feats_attr, [tuple(f.shape[1:]) for f in cap.features()])
+        if cap.embed is not None:
+            setattr(shapes, embed_attr, int(cap.embed.shape[1]))
+        cap.clear()
+    return shapes
+
+
+def agreement_hook(ctx: RunContext, method: Distill, sd: DistillSection) -> Agreement | None:
+    t = method.teachers
+    if not sd.agreement or ctx.splits.val is None or t is None or t.merged or sd.self_distill == "ema":
+        return None
+    return Agreement(t, len(ctx.splits.val), len(ctx.classes), ctx.device)
+
+
+def distill(cfg: DistillConfig) -> dict:
+    """Distil ``cfg.model`` from ``cfg.distill.teachers`` (or from itself)."""
+    if cfg.distill.self_distill == "born_again":
+        return born_again(cfg)
+    ctx = prepare(cfg)
+    try:
+        method, crop = build_method(ctx, cfg.distill)
+        return fit(ctx, method, eval_hook=agreement_hook(ctx, method, cfg.distill), crop_size=crop)
+    finally:
+        dist.cleanup()
+
+
+def born_again(cfg: DistillConfig) -> dict:
+    """Born-again networks (Furlanello et al., ICML 2018): generation g+1 is distilled from
+    generation g, each in ``<out>/gen<g>``; generation 1 learns from ``distill.teachers`` or,
+    without one, from the labels alone. Finished generations are reused, an interrupted one
+    resumed; the last generation's checkpoints are copied to ``<out>``."""
+    out = run_folder(cfg)
+    teachers = list(cfg.distill.teachers)
+    rows = []
+    for g in range(1, cfg.distill.generations + 1):
+        gcfg = copy.deepcopy(cfg)
+        gcfg.train.out = str(out / f"gen{g}")
+        gcfg.distill.self_distill = "none"
+        gcfg.distill.teachers = teachers
+        summary_path = out / f"gen{g}" / "summary.json"
+        done = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        if done and done.get("epochs") == cfg.train.epochs:
+            log(f"[gen{g}] reusing finished generation")
+            summary = done
+        else:
+            gcfg.train.resume = (out / f"gen{g}" / "last.pt").exists()
+            log(f"[gen{g}] {'distilling from ' + ', '.join(teachers) if teachers else 'training on labels'}")
+            if teachers:
+                summary = distill(gcfg)
+            else:
+                summary = train(gcfg)
+        rows.append({"generation": g, "teacher": teachers[0] if teachers else None,
+                     "best": summary.get("best", {})})
+        teachers = [str(out / f"gen{g}")]
+    if dist.is_main():
+        last = out / f"gen{cfg.distill.generations}"
+        for name in ("best.safetensors", "last.safetensors"):
+            if (last / name).is_file():
+                shutil.copyfile(last / name, out / name)
+        summary = {**summary, "out": str(out), "generations": rows}
+        write_json(out / "summary.json", summary)
+    return summary

@@ -1,0 +1,138 @@
+"""``kdistill ssld``: PaddleClas's SSLD recipe in one command, stage by stage.
+
+1. ``mine``: the teacher scores the unlabeled pool, near-copies of the evaluation images are
+   removed, the top-k images per class are kept (``<out>/mine/mined.txt``).
+2. ``distill``: the student learns from labeled + mined images with label-free terms
+   (default JS divergence, as in SSLD) (``<out>/distill``).
+3. ``finetune``: the distilled student is fine-tuned on the labeled set only, optionally
+   at a higher resolution (``<out>/finetune``).
+
+Every stage is skipped when finished and resumed when interrupted; a table of the stages'
+val metrics closes the run (``<out>/ssld.md``, ``<out>/summary.json``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import _check
+from ..errors import UserError
+from ..utils import atomic_write_text, write_json
+from .callbacks import log
+from .distill import DistillConfig, distill
+from .run import run_folder
+
+
+@dataclass
+class SSLDSection:
+    """Pool, mining and fine-tuning settings of the SSLD recipe."""
+
+    pool: str = ""  # folder (recursive) or list file of unlabeled images
+    top_k: int = 1000  # images kept per class
+    dedup_against: list[str] = field(default_factory=list)  # default: the data's val (and test)
+    min_prob: float = 0.0  # never keep an image the teacher gives less than this
+    unlabeled_fraction: float | None = None  # share of mined images per batch (None: by counts)
+    losses: list[str] = field(default_factory=lambda: ["js:1.0"])  # distill stage
+    finetune_epochs: int = 2
+    finetune_lr: float = 0.01
+    finetune_losses: list[str] = field(default_factory=lambda: ["ce:1.0"])
+    finetune_image_size: int | None = None  # e.g. a higher resolution than distillation
+
+    def __post_init__(self) -> None:
+        _check(self.top_k > 0, "ssld.top_k", "must be > 0")
+        _check(self.finetune_epochs >= 0, "ssld.finetune_epochs", "must be >= 0")
+        _check(self.finetune_lr > 0, "ssld.finetune_lr", "must be > 0")
+
+
+@dataclass
+class SSLDConfig(DistillConfig):
+    ssld: SSLDSection = field(default_factory=SSLDSection)
+
+
+def _done(out: Path, epochs: int) -> dict | None:
+    path = out / "summary.json"
+    if path.is_file():
+        s = json.loads(path.read_text())
+        if s.get("epochs") == epochs:
+            return s
+    return None
+
+
+def _stage(cfg: DistillConfig, out: Path, name: str) -> dict:
+    done = _done(out, cfg.train.epochs)
+    if done:
+        log(f"[{name}] reusing finished stage {out}")
+        return done
+    cfg.train.out = str(out)
+    cfg.train.resume = (out / "last.pt").exists()
+    log(f"[{name}] {'resuming' if cfg.train.resume else 'starting'} {out}")
+    return distill(cfg)
+
+
+def default_dedup(root: str) -> list[str]:
+    from ..data.datasets import split_spec
+
+    return [s for s in (split_spec(root, "val"), split_spec(root, "test")) if s]
+
+
+def ssld(cfg: SSLDConfig) -> dict:
+    from ..mining import mine
+
+    sc = cfg.ssld
+    if not sc.pool:
+        raise UserError("ssld needs --pool DIR_OR_LIST (the unlabeled images to mine)")
+    if len(cfg.distill.teachers) != 1:
+        raise UserError("ssld mines with exactly one --teacher")
+    out = run_folder(cfg)
+    teacher = cfg.distill.teachers[0]
+    mined = out / "mine" / "mined.txt"
+    summary_path = Path(str(mined) + ".summary.json")
+    if summary_path.is_file() and mined.is_file():
+        log(f"[mine] reusing {mined}")
+        mine_summary = json.loads(summary_path.read_text())
+    else:
+        mined.parent.mkdir(parents=True, exist_ok=True)
+        dedup = sc.dedup_against or default_dedup(cfg.data.root)
+        log(f"[mine] top-{sc.top_k} per class from {sc.pool} (dedup against {', '.join(dedup) or 'nothing'})")
+        mine_summary = mine(teacher, sc.pool, sc.top_k, str(mined), dedup_against=dedup,
+                            batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
+                            device=cfg.train.device, min_prob=sc.min_prob, progress=cfg.train.progress)
+
+    dcfg = copy.deepcopy(cfg)
+    dcfg.data.unlabeled, dcfg.data.unlabeled_fraction = str(mined), sc.unlabeled_fraction
+    dcfg.distill.losses = list(sc.losses)
+    distilled = _stage(dcfg, out / "distill", "distill")
+
+    rows = [("distill (labeled + mined)", distilled)]
+    if sc.finetune_epochs > 0:
+        fcfg = copy.deepcopy(cfg)
+        fcfg.train.epochs, fcfg.optim.lr, fcfg.optim.warmup_epochs = sc.finetune_epochs, sc.finetune_lr, 0
+        fcfg.model.checkpoint = str(out / "distill")
+        fcfg.distill.losses = list(sc.finetune_losses)
+        fcfg.distill.warmup_epochs, fcfg.distill.loss_params = {}, {}
+        if sc.finetune_image_size:
+            fcfg.data.image_size = sc.finetune_image_size
+        rows.append(("fine-tune (labeled)", _stage(fcfg, out / "finetune", "finetune")))
+
+    lines = ["| stage | images | val top-1 | val MPA |", "|---|---|---|---|",
+             f"| mine | {sum(mine_summary.get('selected_per_class', {}).values())} selected of "
+             f"{mine_summary.get('pool_size', '?')} ({mine_summary.get('duplicates', 0)} near-copies "
+             "of eval images removed) | - | - |"]
+    for name, s in rows:
+        b = s.get("best") or {}
+        lines.append(f"| {name} | - | {b.get('top1', float('nan')):.4f} | {b.get('mpa', float('nan')):.4f} |")
+    table = "\n".join(lines)
+    print(table)
+    atomic_write_text(out / "ssld.md", table + "\n")
+    final = {**rows[-1][1], "out": str(out), "stages": {"mine": mine_summary,
+                                                       **{n: s for n, s in rows}}}
+    write_json(out / "summary.json", final)
+    final_dir = out / ("finetune" if sc.finetune_epochs > 0 else "distill")
+    for name in ("best.safetensors", "last.safetensors"):
+        if (final_dir / name).is_file():
+            import shutil
+
+            shutil.copyfile(final_dir / name, out / name)
+    return final
