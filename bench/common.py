@@ -84,3 +84,7 @@ def update_section(name: str, body: str) -> None:
 def save_result(name: str, obj) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def load_result(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CIFAR, ROOT, ensure_run, machine, save_result, today, update_section  # noqa: E402
+from common import CACHE, CIFAR, ensure_run, load_result, machine, save_result, today, update_section  # noqa: E402
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "sp", "mgd", "rkd", "pkt", "crd"]
 TEACHER = CACHE / "cifar" / "resnet56"
@@ -83,12 +83,21 @@ def main() -> None:
                     help="training images for the cross-family pair (a seeded stratified subset)")
     ap.add_argument("--steps", type=int, default=25, help="steps per throughput measurement")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--skip-throughput", action="store_true", help="accuracy arms only")
+    ap.add_argument("--throughput-only", action="store_true", help="reuse finished arms; measure speed")
     args = ap.parse_args()
     methods = args.methods.split(",")
     if not (TEACHER / "summary.json").is_file():
         raise SystemExit(f"train the teacher first: python bench/train_baselines.py ({TEACHER})")
 
     result = {"date": today(), "machine": machine(), "epochs": args.epochs, "pairs": {}}
+    if args.throughput_only:
+        result = load_result("distill_methods")
+        result["throughput"] = throughput("resnet20", methods, args.steps, None)
+        result["throughput_date"] = today()
+        save_result("distill_methods", result)
+        write_section(result)
+        return
     for i, student in enumerate(args.pairs.split(",")):
         images = None if i == 0 else args.cross_train_images
         arms = {}
@@ -98,8 +107,9 @@ def main() -> None:
             arms[method] = ensure_run(command, out, args.epochs, a)
         result["pairs"][student] = {"train_images": images or 50000, "arms": arms}
         save_result("distill_methods", result)
-    result["throughput"] = throughput("resnet20", methods, args.steps, None)
-    save_result("distill_methods", result)
+    if not args.skip_throughput:
+        result["throughput"] = throughput("resnet20", methods, args.steps, None)
+        save_result("distill_methods", result)
     write_section(result)
 
 

@@ -1,0 +1,107 @@
+"""Labeled + unlabeled training (SSLD): mixed batches, label-free terms, ce on labeled rows only."""
+import json
+
+import pytest
+import torch
+
+from kdistill.cli import main
+from kdistill.data.mixed import MixedBatchSampler
+from kdistill.data.sources import UNLABELED, open_unlabeled
+from kdistill.data.transforms import Preprocess, Preprocessing
+from kdistill.errors import UserError
+from kdistill.losses import LOSSES, Shapes, build_loss
+from kdistill.methods.distill import Distill, LossBank, TermSpec
+from kdistill.methods.teachers import Teacher, TeacherSet
+from kdistill.models import create_model
+
+from conftest import TRAIN_ARGS, run_cli
+
+PP = Preprocessing(32, [0.5] * 3, [0.25] * 3)
+
+
+def test_mixed_batches_hold_the_set_fraction_and_replay():
+    s = MixedBatchSampler(40, 100, batch_size=10, fraction=0.3, seed=1)
+    s.set_epoch(2)
+    batches = list(s)
+    assert len(batches) == len(s) == 14
+    assert all(sum(i >= 40 for i in b) == 3 and len(b) == 10 for b in batches)
+    s.set_epoch(2)
+    assert list(s) == batches
+    s.set_epoch(3)
+    assert list(s) != batches
+    # DDP: two ranks see disjoint batches of the same global order
+    r0, r1 = (list(MixedBatchSampler(40, 100, 10, 0.3, 1, rank=r, world=2)) for r in (0, 1))
+    assert len(r0) == len(r1) == 7 and not set(map(tuple, r0)) & set(map(tuple, r1))
+
+
+def test_unlabeled_rows_never_reach_ce(monkeypatch):
+    seen = {}
+    ce_cls = LOSSES.get("ce").cls
+    orig = ce_cls.forward
+
+    def spy(self, inp):
+        seen["targets"] = inp.targets.clone()
+        seen["n"] = inp.s_logits.shape[0]
+        return orig(self, inp)
+
+    monkeypatch.setattr(ce_cls, "forward", spy)
+    teacher = Teacher(create_model("resnet8", 3), PP, "t")
+    terms = [TermSpec("ce", 1.0), TermSpec("js", 1.0), TermSpec("kd", 1.0)]
+    bank = LossBank({t.name: build_loss(t.name, Shapes(3)) for t in terms})
+    m = Distill(create_model("resnet8", 3), Preprocess(PP), TeacherSet([teacher]), terms, bank)
+    m.eval()
+    y = torch.tensor([2, UNLABELED, 0, UNLABELED])
+    out = m({"image": torch.rand(4, 3, 32, 32), "target": y})
+    assert seen["n"] == 2 and seen["targets"].tolist() == [2, 0]
+    logits = out["logits"].detach()
+    want = torch.nn.functional.cross_entropy(logits[[0, 2]], torch.tensor([2, 0]))
+    torch.testing.assert_close(out["ce"].detach(), want)
+    # all unlabeled: ce contributes nothing, label-free terms still train
+    out = m({"image": torch.rand(2, 3, 32, 32), "target": torch.tensor([UNLABELED, UNLABELED])})
+    assert out["ce"] == 0 and out["js"] > 0
+
+
+def test_open_unlabeled_folder_and_list(tmp_path, tiny_root):
+    src = open_unlabeled(str(tiny_root / "test"), ["a", "b", "c"])
+    assert len(src) == 18 and set(src.labels) == {UNLABELED}
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"{src.paths[0]} 2  # p=0.9\n{src.paths[1]}\n\n# comment\n")
+    assert open_unlabeled(str(lst), ["a"]).paths == src.paths[:2]
+    with pytest.raises(UserError, match="do not exist"):
+        open_unlabeled(str(tmp_path / "none"), ["a"])
+
+
+def test_distill_with_unlabeled_images(tiny_root, trained_run, tmp_path):
+    out = tmp_path / "u"
+    assert main(["distill", "--data", str(tiny_root), "--teacher", str(trained_run), "--model", "resnet8",
+                 "--epochs", "1", "--out", str(out), "--loss", "js", "--loss", "ce:0.5",
+                 "--unlabeled", str(tiny_root / "test"), "--unlabeled-fraction", "0.5", *TRAIN_ARGS]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train.js"] > 0 and row["train.ce"] > 0
+    # 72 labeled + 18 unlabeled images, batches of 16 -> 5 steps of 16
+    assert row["train.images_per_s"] * row["train.seconds"] == pytest.approx(80, abs=1)
+
+
+def test_unlabeled_needs_a_teacher_and_no_mixup(tiny_root, trained_run, tmp_path):
+    proc = run_cli("train", "--data", str(tiny_root), "--model", "resnet8", "--out", str(tmp_path / "a"),
+                   "-o", f"data.unlabeled={tiny_root / 'test'}")
+    assert proc.returncode == 2 and "needs a teacher" in proc.stderr
+    proc = run_cli("distill", "--data", str(tiny_root), "--teacher", str(trained_run), "--model", "resnet8",
+                   "--out", str(tmp_path / "b"), "--unlabeled", str(tiny_root / "test"), "-o", "data.mixup=0.2",
+                   *TRAIN_ARGS)
+    assert proc.returncode == 2 and "mixup" in proc.stderr
+
+
+def test_paddleclas_ssld_list_with_ignore_labels(tiny_root, trained_run, tmp_path):
+    """PaddleClas convention: every row of the SSLD list has label 0; labels are ignored."""
+    from kdistill.data.sources import scan_images
+
+    lst, cmap = tmp_path / "train_list.txt", tmp_path / "classes.txt"
+    lst.write_text("".join(f"{p} 0\n" for p in scan_images(tiny_root / "train")))
+    cmap.write_text("0 circle\n1 square\n2 stripes\n")
+    out = tmp_path / "p"
+    assert main(["distill", "--data", str(lst), "-o", f"data.val={tiny_root / 'val'}", "-o",
+                 f"data.class_map={cmap}", "--teacher", str(trained_run), "--model", "resnet8", "--epochs",
+                 "1", "--out", str(out), "--loss", "js", "--loss", "ce", "--ignore-labels", *TRAIN_ARGS]) == 0
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["train.ce"] == 0 and row["train.js"] > 0
