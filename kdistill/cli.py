@@ -92,6 +92,9 @@ def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-pairs", metavar="S:T,...", help="student:teacher layer names")
     p.add_argument("--self-distill", choices=["none", "ema", "born_again"])
     p.add_argument("--generations", type=int, help="born_again: number of generations")
+    p.add_argument("--view", choices=["consistent", "fixed", "independent", "funmatch"],
+                   help="what the teacher sees (default consistent: the student's crop)")
+    p.add_argument("--soft-labels", metavar="DIR", help="replay a kdistill cache instead of running a teacher")
     p.add_argument("--unlabeled", metavar="LIST_OR_DIR", help="extra images without labels (SSLD)")
     p.add_argument("--unlabeled-fraction", type=float, metavar="F",
                    help="share of unlabeled images in each batch (default: by counts)")
@@ -106,6 +109,7 @@ def distill_config(args: argparse.Namespace):
     return train_config(args, DistillConfig, {
         "distill.teachers": args.teacher, "distill.losses": args.loss, "distill.feature_pairs": pairs,
         "distill.self_distill": args.self_distill, "distill.generations": args.generations,
+        "distill.view": args.view, "distill.soft_labels": args.soft_labels,
         "data.unlabeled": args.unlabeled, "data.unlabeled_fraction": args.unlabeled_fraction,
         "data.ignore_labels": True if args.ignore_labels else None})
 
@@ -114,6 +118,25 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from .engine.distill import distill
 
     _print_summary(distill(distill_config(args)))
+    return 0
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from .config import build_config
+    from .engine.cache import build_cache
+    from .engine.distill import DistillConfig
+
+    flags = {"data.root": args.data, "distill.teachers": args.teacher, "train.device": args.device,
+             "data.workers": args.workers, "eval.batch_size": args.batch_size, "train.seed": args.seed,
+             "train.progress": False if args.no_progress else None}
+    cfg = build_config(DistillConfig, args.config, flags, args.override)
+    if not cfg.data.root and not cfg.data.train:
+        raise UserError("cache needs --data ROOT")
+    if args.views is None or args.out is None:
+        raise UserError("cache needs --views N and --out DIR")
+    m = build_cache(cfg, args.views, args.top_k, args.out, mix=args.view == "funmatch")
+    print(f"cached {m['views']} view(s) x {m['data']['n']} images, top-{m['k']}: "
+          f"{m['bytes_per_image']:.0f} bytes per image -> {args.out}")
     return 0
 
 
@@ -228,6 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(ds)
     add_distill_args(ds)
     ds.set_defaults(func=cmd_distill)
+
+    c = sub.add_parser("cache", help="store a teacher's soft labels for N augmented views of the data")
+    c.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT", help="repeatable: ensemble")
+    c.add_argument("--data", metavar="ROOT")
+    c.add_argument("--views", type=int, metavar="N", help="augmented views per image")
+    c.add_argument("--top-k", type=int, default=10, metavar="K", help="probabilities kept per view")
+    c.add_argument("--view", choices=["consistent", "funmatch"], default="consistent",
+                   help="funmatch: also store a mixup partner and lambda per view")
+    c.add_argument("--out", metavar="DIR")
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--workers", type=int)
+    c.add_argument("--device")
+    c.add_argument("--seed", type=int)
+    c.add_argument("--no-progress", action="store_true")
+    add_config_args(c)
+    c.set_defaults(func=cmd_cache)
 
     sl = sub.add_parser("ssld", help="SSLD: mine unlabeled images, distil on labeled + mined, fine-tune")
     add_train_args(sl)

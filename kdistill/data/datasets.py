@@ -174,11 +174,14 @@ class ImageDataset(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stack good samples; unreadable ones are listed under ``"skipped"``."""
+    """Stack good samples (images, targets, indices and any extra tensors, e.g. a teacher's
+    outputs or its own view); unreadable ones are listed under ``"skipped"``."""
     good = [s for s in samples if "skipped" not in s]
     batch: dict = {"skipped": [s["skipped"] for s in samples if "skipped" in s]}
     if good:
         batch["image"] = torch.stack([s["image"] for s in good])
         batch["target"] = torch.tensor([s["target"] for s in good], dtype=torch.long)
         batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
+        for key in good[0].keys() - {"image", "target", "index"}:
+            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in good])
     return batch

@@ -125,6 +125,8 @@ class EpochLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100_003 + epoch * 1_009 + dist.rank())
+        if hasattr(self.dataset, "set_epoch"):  # replayable views: one view per epoch
+            self.dataset.set_epoch(epoch)
         if isinstance(self.sampler, (DistributedSampler, MixedBatchSampler)):
             self.sampler.set_epoch(epoch)
 

@@ -39,6 +39,8 @@ class DistillSection:
     self_start: float = 0.5  # ema: fraction of the epochs before the EMA teacher starts teaching
     self_decay: float = 0.999  # ema: per-step decay of the teacher's weights
     agreement: bool = True  # report student-teacher agreement on val every epoch
+    view: Literal["consistent", "fixed", "independent", "funmatch"] = "consistent"  # see data/views.py
+    soft_labels: str | None = None  # a kdistill cache folder: replay its views, load no teacher
 
     def __post_init__(self) -> None:
         _check(self.generations >= 1, "distill.generations", "must be >= 1")
@@ -69,6 +71,8 @@ def parse_terms(sd: DistillSection) -> list[TermSpec]:
 def build_teachers(ctx: RunContext, sd: DistillSection, needs_teacher: bool) -> tuple[TeacherSet | None, int | None]:
     """-> (teachers, self_start epoch or None)."""
     cl = ctx.cfg.model.channels_last
+    if sd.soft_labels:
+        return None, None
     if sd.self_distill == "ema":
         if sd.teachers:
             raise UserError("distill.self_distill=ema teaches the student with itself; drop --teacher")
@@ -87,6 +91,13 @@ def build_method(ctx: RunContext, sd: DistillSection) -> tuple[Distill, int]:
     specs = {t.name: LOSSES.get(t.name) for t in terms}
     teachers, self_start = build_teachers(ctx, sd, any(s.needs_teacher for s in specs.values()))
     families = {s.family for s in specs.values()}
+    label_terms = [n for n, s in specs.items() if not s.label_free]
+    if sd.view == "funmatch" and label_terms:
+        raise UserError(f"view funmatch trains on the teacher alone (mixed images have no label); "
+                        f"drop loss '{label_terms[0]}'")
+    if (sd.soft_labels or sd.view == "fixed") and families - {"logits"}:
+        raise UserError("feature and relation losses need the teacher's forward pass; with "
+                        "--soft-labels or view fixed use logit losses (kd, js, dkd, ...)")
     need_feats, need_embed = "features" in families, "relations" in families
     s_cap = t_cap = None
     student, prep = ctx.student, ctx.student_prep()
@@ -137,15 +148,61 @@ def agreement_hook(ctx: RunContext, method: Distill, sd: DistillSection) -> Agre
 
 
 def distill(cfg: DistillConfig) -> dict:
-    """Distil ``cfg.model`` from ``cfg.distill.teachers`` (or from itself)."""
+    """Distil ``cfg.model`` from ``cfg.distill.teachers`` (or from itself, or a cache)."""
     if cfg.distill.self_distill == "born_again":
         return born_again(cfg)
     ctx = prepare(cfg)
     try:
         method, crop = build_method(ctx, cfg.distill)
-        return fit(ctx, method, eval_hook=agreement_hook(ctx, method, cfg.distill), crop_size=crop)
+        train_ds = train_views(ctx, cfg.distill, method.teachers, crop)
+        return fit(ctx, method, eval_hook=agreement_hook(ctx, method, cfg.distill), crop_size=crop,
+                   train_ds=train_ds)
     finally:
         dist.cleanup()
+
+
+def train_views(ctx: RunContext, sd: DistillSection, teachers: TeacherSet | None, crop: int):
+    """The training set for the view mode, or None for the default (consistent) pipeline."""
+    from ..data.loader import train_dataset
+    from ..data.softlabels import SoftLabels
+    from ..data.views import ViewDataset, ViewSpec, WithTeacherOutputs
+    from .cache import teacher_identity
+
+    dc, seed = ctx.cfg.data, ctx.cfg.train.seed
+    if sd.view == "consistent" and not sd.soft_labels:
+        return None
+    if ctx.splits.unlabeled is not None:
+        raise UserError(f"view mode '{sd.view}' and soft-label caches do not mix with --unlabeled images")
+    if dc.mixup > 0 or dc.cutmix > 0 or (dc.auto_augment != "none" and sd.view != "fixed"):
+        raise UserError(f"view mode '{sd.view}' draws its own views; set data.mixup/cutmix=0 and "
+                        "data.auto_augment=none (funmatch has its own mixup)")
+    if sd.soft_labels:
+        sha = "+".join(teacher_identity(t)["sha256"] for t in sd.teachers) if sd.teachers else None
+        cache = SoftLabels(sd.soft_labels, ctx.splits.train, sha)
+        spec = ViewSpec(**{**cache.manifest["view_spec"], "size": ctx.preprocessing.image_size})
+        log(f"replaying {cache.views} cached view(s) from {sd.soft_labels} (k={cache.k}); no teacher loaded")
+        return ViewDataset(ctx.splits.train, spec, cache.manifest["seed"], params=cache.params,
+                           extras=cache.extras, views=cache.views)
+    if sd.view == "fixed":
+        base = train_dataset(dc, ctx.splits.train, ctx.splits.native_size, ctx.preprocessing.image_size)
+        return WithTeacherOutputs(base, teacher_table(ctx, teachers))
+    spec = ViewSpec.from_data(dc, crop, ctx.splits.native_size, mix=sd.view == "funmatch")
+    return ViewDataset(ctx.splits.train, spec, seed, independent=sd.view == "independent")
+
+
+@torch.no_grad()
+def teacher_table(ctx: RunContext, teachers: TeacherSet) -> torch.Tensor:
+    """View 'fixed': the teacher's logits on every training image's centre crop, once (fp16)."""
+    from ..data.loader import eval_dataset, eval_loader
+
+    pp = teachers.teachers[0].preprocessing
+    loader = eval_loader(eval_dataset(ctx.splits.train, pp), ctx.cfg.eval.batch_size, ctx.cfg.data.workers)
+    table = torch.zeros(len(ctx.splits.train), len(ctx.classes), dtype=torch.float16)
+    log(f"view fixed: teacher outputs on {len(table)} centre-cropped training images")
+    for batch in loader:
+        if "image" in batch:
+            table[batch["index"]] = teachers(batch["image"].to(ctx.device).float().div_(255)).half().cpu()
+    return dist.all_reduce_sum(table.float().to(ctx.device)).half().cpu()  # each rank scored a shard
 
 
 def born_again(cfg: DistillConfig) -> dict:

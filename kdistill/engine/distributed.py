@@ -60,6 +60,13 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        values = values.clone()
+        td.all_reduce(values)
+    return values
+
+
 def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank."""
     if not is_distributed():

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from ..config import Config, dump_yaml
 from ..data.loader import (EpochLoader, Splits, eval_dataset, eval_loader, make_mixer, open_splits,
@@ -84,18 +85,20 @@ def prepare(cfg: Config) -> RunContext:
 
 
 def fit(ctx: RunContext, method: Method, meta: dict | None = None, eval_hook: EvalHook | None = None,
-        crop_size: int | None = None) -> dict:
+        crop_size: int | None = None, train_ds: Dataset | None = None) -> dict:
     """Build loaders for ``method`` and train; rank 0 writes ``<out>/config.yaml`` first.
 
     ``crop_size``: resolution of the training crops when it differs from the student's
-    (e.g. a teacher at a higher resolution: each model resizes the same crop)."""
+    (e.g. a teacher at a higher resolution: each model resizes the same crop).
+    ``train_ds``: a ready training set (e.g. replayable views) instead of the default one."""
     cfg, dc = ctx.cfg, ctx.cfg.data
     pin = ctx.device.type == "cuda"
     unlabeled = ctx.splits.unlabeled
     if (unlabeled is not None or dc.ignore_labels) and (dc.mixup > 0 or dc.cutmix > 0):
         raise UserError("mixup/cutmix mix labels, so they cannot be used with unlabeled images")
-    train_ds = train_dataset(dc, ctx.splits.train, ctx.splits.native_size,
-                             crop_size or ctx.preprocessing.image_size, unlabeled)
+    if train_ds is None:
+        train_ds = train_dataset(dc, ctx.splits.train, ctx.splits.native_size,
+                                 crop_size or ctx.preprocessing.image_size, unlabeled)
     fraction = dc.unlabeled_fraction if unlabeled is not None else None
     loader = EpochLoader(train_ds, cfg.train.batch_size, dc.workers, cfg.train.seed, pin, fraction)
     val = None

@@ -23,7 +23,7 @@ from torch import nn
 from .. import __version__
 from ..config import Config
 from ..data.transforms import Preprocessing
-from ..errors import TrainingError
+from ..errors import TrainingError, UserError
 from ..methods.base import Method
 from ..models.checkpoint import load_state, save_model, save_state
 from ..utils import count_params, seed_everything, write_json
@@ -43,6 +43,21 @@ def autocast_factory(device: torch.device, enabled: bool, dtype_name: str = "aut
     else:
         dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
     return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
+
+
+def pytorch_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """An optimizer from the pytorch-optimizer package (e.g. ``soap``, ``shampoo``), with
+    decoupled weight decay on weights and none on biases / norm parameters."""
+    import pytorch_optimizer as po
+
+    try:
+        cls = po.load_optimizer(name)
+    except NotImplementedError:
+        raise UserError(f"pytorch-optimizer has no optimizer '{name}'") from None
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return cls(groups, lr=lr)
 
 
 @dataclass
@@ -89,9 +104,16 @@ class Trainer:
         from timm.scheduler import create_scheduler_v2
 
         oc, tc = self.cfg.optim, self.cfg.train
-        kwargs = {"momentum": oc.momentum} if oc.name in ("sgd", "momentum", "nesterov", "rmsprop") else {}
-        opt = create_optimizer_v2(self.method.trainable(), opt=oc.name, lr=oc.lr,
-                                  weight_decay=oc.weight_decay, **kwargs)
+        if oc.name.startswith("po:"):
+            opt = pytorch_optimizer(self.method.trainable(), oc.name[3:], oc.lr, oc.weight_decay)
+        else:
+            kwargs = {"momentum": oc.momentum} if oc.name in ("sgd", "momentum", "nesterov", "rmsprop") else {}
+            try:
+                opt = create_optimizer_v2(self.method.trainable(), opt=oc.name, lr=oc.lr,
+                                          weight_decay=oc.weight_decay, **kwargs)
+            except (AssertionError, ValueError) as err:
+                raise UserError(f"optimizer '{oc.name}': {str(err).splitlines()[0][:160]} (timm names, "
+                                "or po:NAME for pytorch-optimizer, e.g. po:soap)") from None
         if oc.sched == "constant" and oc.warmup_epochs == 0:
             return opt, None
         sched, _ = create_scheduler_v2(
@@ -266,13 +288,19 @@ class Trainer:
         return stats
 
     def _to_device(self, batch: dict) -> dict:
-        x = batch["image"].to(self.device, non_blocking=True).float().div_(255)
-        y = batch["target"].to(self.device, non_blocking=True)
+        """Tensors to the device; images (and a teacher's own view) to float [0, 1]."""
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}
+        for key in ("image", "image_t"):
+            if key in batch:
+                batch[key] = batch[key].float().div_(255)
         if self.mixer is not None:
+            x, y = batch["image"], batch["target"]
             if len(x) % 2:  # timm's batch mixup pairs images: drop one of an odd batch
-                x, y, batch = x[:-1], y[:-1], {**batch, "index": batch["index"][:-1]}
-            x, y = self.mixer(x, y)
-        return {**batch, "image": x, "target": y, "index": batch["index"].to(self.device)}
+                batch = {k: v[:-1] if torch.is_tensor(v) else v for k, v in batch.items()}
+                x, y = batch["image"], batch["target"]
+            batch["image"], batch["target"] = self.mixer(x, y)
+        return batch
 
     def validate(self) -> EvalResult:
         model = self.eval_model()

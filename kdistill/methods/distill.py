@@ -165,15 +165,18 @@ class Distill(Method):
         inp = LossInputs(s_logits, targets=targets, index=batch.get("index"))
         if self.s_capture:
             inp.s_feats, inp.s_embed = self.s_capture.features(), self.s_capture.embed
-        use_teacher = self.teachers is not None and bool(self.teacher_on)
+        given = batch.get("t_logits")  # teacher outputs from a soft-label cache / fixed table
+        use_teacher = given is not None or (self.teachers is not None and bool(self.teacher_on))
         active = [n for n, w in self.weights.items()
                   if (w > 0 or not self.specs[n].needs_teacher) and (use_teacher or not self.specs[n].needs_teacher)]
         t_out = None
-        if any(self.specs[n].needs_teacher for n in active):
+        if given is not None:
+            t_out = given.float()
+        elif any(self.specs[n].needs_teacher for n in active):
             if self.t_capture:
                 self.t_capture.clear()
-            with torch.no_grad():
-                t_out = self.teachers(x)
+            with torch.no_grad():  # the teacher's own crop in 'independent' view mode
+                t_out = self.teachers(batch.get("image_t", x))
             if self.t_capture:
                 inp.t_feats = [f.detach() for f in self.t_capture.features()]
                 inp.t_embed = None if self.t_capture.embed is None else self.t_capture.embed.detach()

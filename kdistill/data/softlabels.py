@@ -1,0 +1,120 @@
+"""The soft-label cache format: a teacher's top-k probabilities per augmented view.
+
+``DIR/manifest.json`` names the teacher (spec, architecture, SHA-256 of its weights), the
+data (image count, classes, fingerprint), ``k``, the number of views, the view recipe and
+seed, and which views are complete. Per view ``v``, three memory-mapped ``.npy`` files hold,
+for every training image in order: ``view-v.probs.npy`` (N, k) float16 probabilities
+(renormalised over the top k), ``view-v.index.npy`` (N, k) class indices, and
+``view-v.params.npy`` (N, 8) float32 view parameters (see ``data/views.py``) that replay
+the exact crop, flip and mixup the teacher saw. An unreadable image has index -1 rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..utils import atomic_write_text
+from .sources import Source
+
+FORMAT = 1
+FLOOR = 1e-8  # probability given to classes outside the stored top k (as logits: log FLOOR)
+
+
+def fingerprint(source: Source) -> str:
+    """SHA-256 of the split's classes, labels and file names (or decoded pixels)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([source.classes, len(source)]).encode())
+    h.update(np.asarray(source.labels, dtype=np.int64).tobytes())
+    if source.paths:
+        for p in source.paths:
+            h.update(Path(p).name.encode() + b"/" + Path(p).parent.name.encode() + b"\0")
+    elif isinstance(source.array, torch.Tensor):
+        h.update(source.array.numpy().tobytes())
+    else:
+        for img in source.array or []:
+            h.update(img.numpy().tobytes())
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def view_files(root: Path, v: int) -> dict[str, Path]:
+    return {k: root / f"view-{v:03d}.{k}.npy" for k in ("probs", "index", "params")}
+
+
+def read_manifest(root: str | Path) -> dict:
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise UserError(f"soft-label cache '{root}' does not exist or has no manifest.json; "
+                        "make it with kdistill cache")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"soft-label cache manifest '{path}' is corrupt") from None
+
+
+def write_manifest(root: Path, manifest: dict) -> None:
+    atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+
+
+class SoftLabels:
+    """Reader: replays view parameters and dense teacher log-probabilities per image."""
+
+    def __init__(self, root: str | Path, source: Source, teacher_sha: str | None = None) -> None:
+        self.root = Path(root)
+        m = read_manifest(self.root)
+        self.manifest = m
+        missing = [v for v in range(m["views"]) if v not in m["done_views"]]
+        if missing:
+            raise UserError(f"soft-label cache '{root}' is incomplete ({len(m['done_views'])} of "
+                            f"{m['views']} views); finish it with the same kdistill cache command")
+        if m["data"]["fingerprint"] != fingerprint(source) or m["data"]["classes"] != source.classes:
+            raise UserError(f"soft-label cache '{root}' was made for other training data "
+                            f"({m['data']['n']} images from {m['data']['root']}); make a new cache")
+        if teacher_sha and m["teacher"]["sha256"] != teacher_sha:
+            raise UserError(f"soft-label cache '{root}' was made with another teacher "
+                            f"({m['teacher']['spec']}); make a new cache or drop --teacher")
+        self.views, self.k, self.num_classes = m["views"], m["k"], len(m["data"]["classes"])
+        self._arrays: dict | None = None
+
+    def _open(self) -> dict:
+        if self._arrays is None:  # opened lazily: each DataLoader worker maps the files itself
+            self._arrays = {v: {k: np.load(p, mmap_mode="r") for k, p in view_files(self.root, v).items()}
+                            for v in range(self.views)}
+        return self._arrays
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def params(self, view: int, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._open()[view]["params"][index]))
+
+    def extras(self, view: int, index: int) -> dict:
+        a = self._open()[view]
+        idx = np.asarray(a["index"][index], dtype=np.int64)
+        probs = torch.full((self.num_classes,), FLOOR)
+        ok = idx >= 0
+        probs[torch.from_numpy(idx[ok])] = torch.from_numpy(np.asarray(a["probs"][index], np.float32)[ok])
+        return {"t_logits": probs.log()}
+
+    def bytes_per_image(self) -> float:
+        n = self.manifest["data"]["n"]
+        total = sum(p.stat().st_size for v in range(self.views) for p in view_files(self.root, v).values())
+        return total / max(n, 1)
+
+
+def topk_renormalised(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest probabilities (renormalised to sum 1, float16) and their classes."""
+    p, i = probs.float().topk(min(k, probs.shape[-1]), dim=-1)
+    return (p / p.sum(-1, keepdim=True)).half(), i

@@ -1,0 +1,129 @@
+"""``kdistill cache``: run the teacher once over N augmented views of every training image
+and store its top-k probabilities with the view parameters (see ``data/softlabels.py``).
+
+Views are written one at a time (atomically renamed when complete), so a killed run
+resumes at the first unfinished view. Under torchrun each rank scores a slice of every view.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..data.datasets import collate
+from ..data.loader import ShardSampler, open_splits
+from ..data.softlabels import (FORMAT, file_sha256, fingerprint, read_manifest, topk_renormalised,
+                               view_files, write_manifest)
+from ..data.views import N_PARAMS, ViewDataset, ViewSpec
+from ..errors import UserError
+from ..methods.teachers import TeacherSet, load_teacher
+from ..models.checkpoint import resolve_checkpoint
+from ..utils import resolve_device
+from . import distributed as dist
+from .callbacks import log, progress
+
+
+def teacher_identity(spec: str) -> dict:
+    """What a cache records about its teacher (the SHA-256 of its weights file, if any)."""
+    path = Path(spec.split("@", 1)[1]) if "@" in spec else (resolve_checkpoint(spec) if Path(spec).exists() else None)
+    return {"spec": spec, "sha256": file_sha256(path) if path else f"name:{spec}"}
+
+
+def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
+    """Cache ``views`` views of ``cfg.data``'s training split for ``cfg.distill.teachers``."""
+    if views <= 0:
+        raise UserError("--views must be >= 1")
+    if k <= 0:
+        raise UserError("--top-k must be >= 1")
+    if not cfg.distill.teachers:
+        raise UserError("cache needs --teacher RUN_OR_CKPT")
+    if cfg.data.auto_augment != "none":
+        raise UserError("auto-augment views cannot be replayed from a cache; set data.auto_augment=none")
+    device = dist.init(resolve_device(cfg.train.device))
+    root = Path(out)
+    splits = open_splits(cfg.data, need_val=False)
+    src = splits.train
+    teachers = TeacherSet([load_teacher(t, src.classes, device) for t in cfg.distill.teachers],
+                          cfg.distill.teacher_weights, cfg.distill.ensemble)
+    if teachers.merged:
+        raise UserError("a cache stores one distribution over the data's classes; merged teachers "
+                        "over class subsets are not supported")
+    size = max(t.prep.size for t in teachers.teachers)
+    spec = ViewSpec.from_data(cfg.data, size, splits.native_size, mix)
+    ident = {"teachers": [teacher_identity(t) for t in cfg.distill.teachers]}
+    ident["sha256"] = "+".join(t["sha256"] for t in ident["teachers"])
+    ident["spec"] = ",".join(cfg.distill.teachers)
+    manifest = {"format": FORMAT, "teacher": ident, "k": min(k, len(src.classes)), "views": views,
+                "seed": cfg.train.seed, "view_spec": spec.to_dict(),
+                "data": {"root": cfg.data.root, "n": len(src), "classes": src.classes,
+                         "fingerprint": fingerprint(src)},
+                "done_views": [], "created": _dt.datetime.now().isoformat(timespec="seconds")}
+    if (root / "manifest.json").is_file():
+        old = read_manifest(root)
+        same = {key: old.get(key) == manifest[key] for key in ("teacher", "k", "seed", "view_spec", "data")}
+        if not all(same.values()):
+            bad = next(key for key, ok in same.items() if not ok)
+            raise UserError(f"'{root}' holds a cache with another {bad.replace('_', ' ')}; choose another --out")
+        manifest["done_views"] = [v for v in old["done_views"] if v < views]
+        manifest["created"] = old["created"]
+        if manifest["done_views"]:
+            log(f"resuming: {len(manifest['done_views'])} of {views} views done")
+    if dist.is_main():
+        root.mkdir(parents=True, exist_ok=True)
+        write_manifest(root, manifest)
+    ds = ViewDataset(src, spec, cfg.train.seed, with_params=True)
+    for v in range(views):
+        if v in manifest["done_views"]:
+            continue
+        _cache_view(ds, v, views, teachers, manifest["k"], root, device, cfg)
+        manifest["done_views"] = sorted(manifest["done_views"] + [v])
+        if dist.is_main():
+            write_manifest(root, manifest)
+    n_bytes = sum(p.stat().st_size for v in range(views) for p in view_files(root, v).values())
+    manifest["bytes_per_image"] = n_bytes / len(src)
+    if dist.is_main():
+        write_manifest(root, manifest)
+    return manifest
+
+
+@torch.no_grad()
+def _cache_view(ds: ViewDataset, v: int, views: int, teachers: TeacherSet, k: int, root: Path,
+                device: torch.device, cfg) -> None:
+    n = len(ds)
+    files = view_files(root, v)
+    tmp = {key: p.with_suffix(".partial.npy") for key, p in files.items()}
+    rank, world = dist.rank(), dist.world_size()
+    if dist.is_main():
+        np.lib.format.open_memmap(tmp["probs"], "w+", np.float16, (n, k))
+        index = np.lib.format.open_memmap(tmp["index"], "w+", np.int32, (n, k))
+        index[:] = -1
+        index.flush()
+        np.lib.format.open_memmap(tmp["params"], "w+", np.float32, (n, N_PARAMS))
+    dist.barrier()
+    arrays = {key: np.load(p, mmap_mode="r+") for key, p in tmp.items()}
+    ds.set_epoch(v)
+    loader = DataLoader(ds, batch_size=cfg.eval.batch_size, sampler=ShardSampler(n, rank, world),
+                        num_workers=cfg.data.workers, collate_fn=collate)
+    bar = progress(len(loader), f"view {v + 1}/{views}", cfg.train.progress)
+    for batch in loader:
+        bar.update(1)
+        if "image" not in batch:
+            continue
+        idx = batch["index"].numpy()
+        probs = teachers(batch["image"].to(device).float().div_(255)).float().softmax(-1)
+        p, i = topk_renormalised(probs, k)
+        arrays["probs"][idx] = p.cpu().numpy()
+        arrays["index"][idx] = i.cpu().numpy().astype(np.int32)
+        arrays["params"][idx] = batch["params"].numpy()
+    bar.close()
+    for a in arrays.values():
+        a.flush()
+    dist.barrier()
+    if dist.is_main():
+        for key in files:
+            os.replace(tmp[key], files[key])
+    log(f"view {v + 1} cached")
