@@ -88,3 +88,18 @@ def save_result(name: str, obj) -> None:
 
 def load_result(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def memoize_splits() -> None:
+    """Decode each dataset once per process when a benchmark builds many trainers."""
+    import kdistill.engine.run as run_mod
+
+    orig, memo = run_mod.open_splits, {}
+
+    def cached(dc, *a, **k):
+        key = (dc.root, dc.train, dc.val, dc.max_train_images, dc.max_val_images, dc.unlabeled)
+        if key not in memo:
+            memo[key] = orig(dc, *a, **k)
+        return memo[key]
+
+    run_mod.open_splits = cached

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CIFAR, ensure_run, load_result, machine, save_result, today, update_section  # noqa: E402
+from common import CACHE, CIFAR, ensure_run, load_result, machine, memoize_splits, save_result, today, update_section  # noqa: E402
 
 METHODS = ["kd", "dkd", "dist", "fitnet", "at", "sp", "mgd", "rkd", "pkt", "crd"]
 TEACHER = CACHE / "cifar" / "resnet56"
@@ -37,6 +37,8 @@ def throughput(student: str, methods: list[str], steps: int, train_images: int |
     import torch
     from throughput import alternate, kdistill_loop, plain_loop
 
+    memoize_splits()
+
     from kdistill.cli import build_parser, distill_config
     from kdistill.data.loader import EpochLoader, train_dataset
     from kdistill.engine.distill import build_method
@@ -56,7 +58,6 @@ def throughput(student: str, methods: list[str], steps: int, train_images: int |
     def factory(method):
         def make():
             ctx = prepare(cfg_for(method))
-            ctx.splits = ctx0.splits  # decode the images once
             m, crop = build_method(ctx, ctx.cfg.distill)
             loader = EpochLoader(train_dataset(ctx.cfg.data, ctx.splits.train, ctx.splits.native_size, crop),
                                  ctx.cfg.train.batch_size, ctx.cfg.data.workers, ctx.cfg.train.seed)

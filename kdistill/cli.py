@@ -252,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_args(ds)
     ds.set_defaults(func=cmd_distill)
 
+    from .mining.cli import add_mine_parser
+
+    add_mine_parser(sub)
+
     c = sub.add_parser("cache", help="store a teacher's soft labels for N augmented views of the data")
     c.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT", help="repeatable: ensemble")
     c.add_argument("--data", metavar="ROOT")
