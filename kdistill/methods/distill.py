@@ -167,8 +167,8 @@ class Distill(Method):
             inp.s_feats, inp.s_embed = self.s_capture.features(), self.s_capture.embed
         given = batch.get("t_logits")  # teacher outputs from a soft-label cache / fixed table
         use_teacher = given is not None or (self.teachers is not None and bool(self.teacher_on))
-        active = [n for n, w in self.weights.items()
-                  if (w > 0 or not self.specs[n].needs_teacher) and (use_teacher or not self.specs[n].needs_teacher)]
+        # label terms always run (and are logged); teacher terms when a teacher is on and weighted
+        active = [n for n, w in self.weights.items() if not self.specs[n].needs_teacher or (use_teacher and w > 0)]
         t_out = None
         if given is not None:
             t_out = given.float()
