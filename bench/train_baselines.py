@@ -52,7 +52,7 @@ def measure_throughput(model: str, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--teacher-epochs", type=int, default=40)
+    ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--student-epochs", type=int, default=15)
     ap.add_argument("--steps", type=int, default=60, help="steps per throughput measurement")
     args = ap.parse_args()
