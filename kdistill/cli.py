@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .mining.cli import add_mine_parser
 
     add_mine_parser(sub)
+    from .deploy.cli import add_deploy_parsers
+
+    add_deploy_parsers(sub)
 
     c = sub.add_parser("cache", help="store a teacher's soft labels for N augmented views of the data")
     c.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT", help="repeatable: ensemble")

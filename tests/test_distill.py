@@ -126,6 +126,30 @@ def test_merged_label_sets_supervise_their_own_classes():
     torch.testing.assert_close(out["loss"].detach(), want + 0.5 * out["ce"].detach())
 
 
+def test_concat_merge_gives_union_logits():
+    """merge=concat: each class takes its teachers' (weighted mean) logit; label-free KD on it."""
+    a = Teacher(create_model("resnet8", 2), PP, "a", ["circle", "square"], [0, 1])
+    b = Teacher(create_model("resnet8", 2), PP, "b", ["square", "stripes"], [1, 2])
+    tset = TeacherSet([a, b], [3.0, 1.0], merge="concat", num_classes=3)
+    assert tset.merged and not tset.per_teacher
+    x = torch.rand(4, 3, 32, 32)
+    za, zb = a(x), b(x)
+    want = torch.stack([za[:, 0], 0.75 * za[:, 1] + 0.25 * zb[:, 0], zb[:, 1]], dim=1)
+    torch.testing.assert_close(tset(x), want)
+    m = _method(tset, [TermSpec("kd", 1.0)])
+    out = m({"image": x, "target": None})
+    kl = LOSSES.get("kd").cls(None).forward
+    from kdistill.losses import LossInputs
+
+    torch.testing.assert_close(out["kd"].detach(), kl(LossInputs(out["logits"].detach(), want)))
+
+
+def test_concat_merge_needs_every_class_covered():
+    a = Teacher(create_model("resnet8", 2), PP, "a", ["circle", "square"], [0, 1])
+    with pytest.raises(Exception, match="every class covered"):
+        TeacherSet([a], merge="concat", num_classes=3)
+
+
 def test_merged_teachers_end_to_end(tmp_path):
     """Two teachers on class subsets teach one student over the union of classes."""
     root = make_folder(tmp_path / "all", {"train": 16, "val": 6})
@@ -141,7 +165,11 @@ def test_merged_teachers_end_to_end(tmp_path):
                  "--out", str(out), "--loss", "kd", *TRAIN_ARGS]) == 0
     meta = read_meta(out / "best.safetensors")
     assert [t["classes"] for t in meta["teachers"]] == [CLASSES[:2], CLASSES[1:]]
-    assert "train.kd" in rows(out)[0]
+    assert "train.kd" in rows(out)[0] and "val.agreement" not in rows(out)[0]
+    concat = tmp_path / "concat"  # label-free union of the teachers' logits; agreement reported
+    assert main(["distill", "--data", str(root), *teachers, "--model", "resnet8", "--epochs", "1",
+                 "--out", str(concat), "--loss", "kd", "-o", "distill.merge=concat", *TRAIN_ARGS]) == 0
+    assert "val.agreement" in rows(concat)[0]
 
 
 def test_feature_and_relation_losses_resume_exactly(tiny_root, trained_run, tmp_path, monkeypatch):

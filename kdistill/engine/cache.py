@@ -48,10 +48,11 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
     splits = open_splits(cfg.data, need_val=False)
     src = splits.train
     teachers = TeacherSet([load_teacher(t, src.classes, device) for t in cfg.distill.teachers],
-                          cfg.distill.teacher_weights, cfg.distill.ensemble)
-    if teachers.merged:
-        raise UserError("a cache stores one distribution over the data's classes; merged teachers "
-                        "over class subsets are not supported")
+                          cfg.distill.teacher_weights, cfg.distill.ensemble, cfg.distill.merge,
+                          len(src.classes))
+    if teachers.per_teacher:
+        raise UserError("a cache stores one distribution over the data's classes; teachers over "
+                        "class subsets need -o distill.merge=concat")
     size = max(t.prep.size for t in teachers.teachers)
     spec = ViewSpec.from_data(cfg.data, size, splits.native_size, mix)
     ident = {"teachers": [teacher_identity(t) for t in cfg.distill.teachers]}

@@ -30,6 +30,7 @@ class DistillSection:
     teachers: list[str] = field(default_factory=list)  # run folders, checkpoints, NAME@FILE, model names
     teacher_weights: list[float] | None = None  # ensemble / merge weights (default equal)
     ensemble: Literal["prob", "logit"] = "prob"  # average probabilities or logits
+    merge: Literal["subset", "concat"] = "subset"  # teachers over class subsets (methods/teachers.py)
     losses: list[str] = field(default_factory=lambda: ["kd:0.9", "ce:0.1"])  # name[:weight]
     loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {kd: {temperature: 4}}
     warmup_epochs: dict[str, int] = field(default_factory=dict)  # linear warm-up of a term's weight
@@ -82,7 +83,7 @@ def build_teachers(ctx: RunContext, sd: DistillSection, needs_teacher: bool) -> 
             raise UserError("distill needs --teacher RUN_OR_CKPT (or --self-distill ema|born_again)")
         return None, None
     teachers = [load_teacher(t, ctx.classes, ctx.device, cl) for t in sd.teachers]
-    return TeacherSet(teachers, sd.teacher_weights, sd.ensemble), None
+    return TeacherSet(teachers, sd.teacher_weights, sd.ensemble, sd.merge, len(ctx.classes)), None
 
 
 def build_method(ctx: RunContext, sd: DistillSection) -> tuple[Distill, int]:
@@ -142,7 +143,7 @@ def dry_run(ctx: RunContext, teachers: TeacherSet | None, s_cap: FeatureCapture 
 
 def agreement_hook(ctx: RunContext, method: Distill, sd: DistillSection) -> Agreement | None:
     t = method.teachers
-    if not sd.agreement or ctx.splits.val is None or t is None or t.merged or sd.self_distill == "ema":
+    if not sd.agreement or ctx.splits.val is None or t is None or t.per_teacher or sd.self_distill == "ema":
         return None
     return Agreement(t, len(ctx.splits.val), len(ctx.classes), ctx.device)
 
@@ -184,6 +185,9 @@ def train_views(ctx: RunContext, sd: DistillSection, teachers: TeacherSet | None
         return ViewDataset(ctx.splits.train, spec, cache.manifest["seed"], params=cache.params,
                            extras=cache.extras, views=cache.views)
     if sd.view == "fixed":
+        if teachers.per_teacher:
+            raise UserError("view fixed stores one distribution per image; teachers over class "
+                            "subsets need -o distill.merge=concat")
         base = train_dataset(dc, ctx.splits.train, ctx.splits.native_size, ctx.preprocessing.image_size)
         return WithTeacherOutputs(base, teacher_table(ctx, teachers))
     spec = ViewSpec.from_data(dc, crop, ctx.splits.native_size, mix=sd.view == "funmatch")

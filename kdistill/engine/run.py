@@ -146,9 +146,9 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = Fa
         from ..methods.teachers import TeacherSet, load_teacher
         from .evaluate import Agreement
 
-        tset = TeacherSet([load_teacher(t, meta["classes"], dev) for t in teachers])
-        if tset.merged:
-            raise UserError("agreement needs teachers over the student's classes, not subsets")
+        # teachers over class subsets are joined by their logits (merge=concat)
+        tset = TeacherSet([load_teacher(t, meta["classes"], dev) for t in teachers], merge="concat",
+                          num_classes=meta["num_classes"])
         hook = Agreement(tset, len(source), meta["num_classes"], dev)
     result = evaluate(model, Preprocess(pp).to(dev), loader, meta["num_classes"], dev, tta=tta,
                       on_batch=hook.update if hook else None)

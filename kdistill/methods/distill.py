@@ -71,9 +71,10 @@ class Distill(Method):
 
     Teachers are frozen (eval mode, no gradients, not in ``trainable()``) and never saved with
     the student; the loss bank's adapters are trainable and saved in the training state.
-    With ``merged`` teachers (different label sets) each logit term is the weighted mean over
-    teachers of the term between the teacher's logits and the student's logits restricted to
-    that teacher's classes (label-free); ``ce`` always uses the labels over all classes.
+    With teachers merged by subset (different label sets, ``merge='subset'``) each logit term
+    is the weighted mean over teachers of the term between the teacher's logits and the
+    student's logits restricted to that teacher's classes (label-free); ``ce`` always uses the
+    labels over all classes. Teachers merged by ``concat`` give one set of union logits.
     With ``self_start`` set, ``teachers`` holds one teacher built from a copy of the student
     (:func:`self_teacher`): at epoch ``self_start`` it becomes a snapshot of the student and
     then follows the student's weights as an EMA (``self_decay``), teaching the last epochs

@@ -105,13 +105,22 @@ class TeacherSet(nn.Module):
     If every teacher predicts the student's classes, they form an **ensemble**: the weighted
     mean of their probabilities (``ensemble='prob'``; returned as log-probabilities, which are
     valid logits) or of their logits (``'logit'``). If some teacher covers only a subset of
-    the classes, the teachers are **merged**: each one supervises the student's distribution
-    restricted to its own classes (see ``Distill``), as in Vongkulbhisal et al., CVPR 2019,
-    "Unifying Heterogeneous Classifiers with Distillation".
+    the classes, the teachers are **merged**, in one of two ways (``merge``):
+
+    * ``'subset'``: each teacher supervises the student's distribution restricted to its own
+      classes (see ``Distill``), as in Vongkulbhisal et al., CVPR 2019, "Unifying
+      Heterogeneous Classifiers with Distillation". With disjoint label sets this says
+      nothing about which subset an image belongs to: add ``ce`` on labels.
+    * ``'concat'``: the teachers' logits are placed side by side in one vector over the
+      student's classes (the weighted mean where label sets overlap) and the student matches
+      its softmax, as in Shen et al., AAAI 2019, "Amalgamating Knowledge towards
+      Comprehensive Classification". Label-free, since a teacher's logits on images outside
+      its classes are low; every student class must be covered by some teacher.
     """
 
     def __init__(self, teachers: list[Teacher], weights: list[float] | None = None,
-                 ensemble: Literal["prob", "logit"] = "prob") -> None:
+                 ensemble: Literal["prob", "logit"] = "prob", merge: Literal["subset", "concat"] = "subset",
+                 num_classes: int | None = None) -> None:
         super().__init__()
         if not teachers:
             raise UserError("no teacher given")
@@ -130,22 +139,49 @@ class TeacherSet(nn.Module):
             if any(t.class_index is None for t in teachers):
                 raise UserError("teachers over different label sets must all be kdistill runs "
                                 "(their checkpoints name their classes)")
+        self.merge = merge
+        self.num_classes = num_classes
+        if self.merged and merge == "concat":
+            covered = {c for t in teachers for c in t.class_index}
+            if num_classes is None or len(covered) < num_classes:
+                raise UserError(f"distill.merge=concat needs every class covered by some teacher; "
+                                f"{(num_classes or 0) - len(covered)} class(es) are not: use merge=subset "
+                                "with ce on labels")
 
     @property
     def single(self) -> Teacher | None:
         return self.teachers[0] if len(self.teachers) == 1 and not self.merged else None
 
+    @property
+    def per_teacher(self) -> bool:
+        """True when ``forward`` returns each teacher's own logits (merge='subset')."""
+        return self.merged and self.merge == "subset"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Ensemble logits (B, C), or, for merged teachers, each teacher's own logits."""
+        """Logits (B, C) over the student's classes, or, for teachers merged by subset, a
+        list of each teacher's own logits."""
         outs = [t(x) for t in self.teachers]
-        if self.merged:
+        if self.per_teacher:
             return outs
+        if self.merged:
+            return self._concat(outs)
         if len(outs) == 1:
             return outs[0]
         if self.ensemble == "logit":
             return sum(w * o for w, o in zip(self.weights, outs))
         probs = sum(w * F.softmax(o, dim=-1) for w, o in zip(self.weights, outs))
         return probs.clamp_min(1e-12).log()
+
+    def _concat(self, outs: list[torch.Tensor]) -> torch.Tensor:
+        """Union logits: each class gets the weighted mean of the logits of its teachers."""
+        b = outs[0].shape[0]
+        total = outs[0].new_zeros(b, self.num_classes)
+        norm = outs[0].new_zeros(self.num_classes)
+        for t, w, o in zip(self.teachers, self.weights, outs):
+            idx = torch.as_tensor(t.class_index, device=o.device)
+            total.index_add_(1, idx, w * o)
+            norm.index_add_(0, idx, torch.full_like(idx, w, dtype=o.dtype))
+        return total / norm
 
     def describe(self) -> list[dict]:
         return [{"teacher": t.name, "weight": w, **({"classes": t.classes} if t.class_index else {})}

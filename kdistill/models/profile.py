@@ -1,7 +1,14 @@
-"""Cost of a model: parameters, FLOPs (torch.utils.flop_counter) and CPU latency."""
+"""Cost of a model: parameters, FLOPs (torch.utils.flop_counter) and CPU latency.
+
+:func:`latency_ms` times a torch module; :func:`callable_latency_ms` times any forward
+(e.g. an onnxruntime session), so model cards compare runtimes with the same clock.
+"""
 from __future__ import annotations
 
+import os
+import platform
 import time
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +30,26 @@ def count_flops(model: nn.Module, image_size: int, batch: int = 1) -> int:
     return int(counter.get_total_flops())
 
 
+def median_seconds(fn: Callable[[], Any], warmup: int = 3, min_seconds: float = 0.5,
+                   max_iters: int = 200, sync: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn()`` over at least 5 calls and ``min_seconds`` (at most
+    ``max_iters`` calls), after ``warmup`` untimed calls; ``sync`` waits for a device."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_iters and (time.perf_counter() - start < min_seconds or len(times) < 5):
+        if sync:
+            sync()
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
 @torch.no_grad()
 def latency_ms(model: nn.Module, image_size: int, batch: int = 1, warmup: int = 3,
                min_seconds: float = 0.5, max_iters: int = 200) -> float:
@@ -31,23 +58,39 @@ def latency_ms(model: nn.Module, image_size: int, batch: int = 1, warmup: int = 
     model.eval()
     device = next(model.parameters()).device
     x = torch.randn(batch, 3, image_size, image_size, device=device)
-    for _ in range(warmup):
-        model(x)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < max_iters and (time.perf_counter() - start < min_seconds or len(times) < 5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        model(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    seconds = median_seconds(lambda: model(x), warmup, min_seconds, max_iters, sync)
     model.train(was)
-    times.sort()
-    return 1000 * times[len(times) // 2] / batch
+    return 1000 * seconds / batch
+
+
+def callable_latency_ms(forward: Callable[[Any], Any], make_input: Callable[[int], Any], batch: int = 1,
+                        warmup: int = 3, min_seconds: float = 0.5, max_iters: int = 200) -> float:
+    """Median wall time per *image* of ``forward(make_input(batch))``, in milliseconds
+    (for runtimes other than torch eager, e.g. onnxruntime or TorchScript)."""
+    x = make_input(batch)
+    return 1000 * median_seconds(lambda: forward(x), warmup, min_seconds, max_iters) / batch
 
 
 def profile(model: nn.Module, image_size: int) -> dict:
     return {"params": count_params(model), "flops": count_flops(model, image_size),
             "latency_ms": latency_ms(model, image_size)}
+
+
+def machine() -> str:
+    """One line naming the hardware and runtimes that measured a latency."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
+    line = f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+    try:
+        import onnxruntime
+
+        line += f", onnxruntime {onnxruntime.__version__}"
+    except ImportError:
+        pass
+    return f"{line}, {platform.system()}"

@@ -1,0 +1,173 @@
+"""Model card written beside every export: ``<out>.card.json`` (machine-readable) and
+``<out>.card.md`` (for people).
+
+It records what was shipped (file, format, sha256, input convention, classes), its cost
+(parameters, FLOPs, latency per image at batch 1 and 32 in torch eager and in the exported
+runtime: onnxruntime for ONNX, TorchScript for TorchScript), its accuracy (the checkpoint's
+own val metrics and the run's ``summary.json``), how it was made (method, loss terms,
+teachers, the run's config.yaml) and when and where the numbers were measured.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from torch import nn
+
+from ..data.transforms import Preprocessing
+from ..models.profile import callable_latency_ms, count_flops, latency_ms, machine
+from ..utils import atomic_write_text, count_params, write_json
+from .runtime import Normalized, Predictor
+
+LATENCY_BATCHES = (1, 32)
+CONFIG_KEYS = {"model": ("name", "pretrained"), "train": ("epochs", "batch_size", "ema_decay", "amp"),
+               "optim": ("name", "lr", "weight_decay"), "data": ("root", "image_size", "mixup", "cutmix")}
+
+
+def card_paths(out: str | Path) -> tuple[Path, Path]:
+    """(markdown, json) card paths of an export."""
+    return Path(f"{out}.card.md"), Path(f"{out}.card.json")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _read_config(path: Path) -> dict | None:
+    try:
+        return yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def measure_latency(model: nn.Module, exported: Predictor, image_size: int,
+                    seconds: float = 0.5) -> dict[str, dict[str, float]]:
+    """ms per image at each of :data:`LATENCY_BATCHES` for torch eager and the export."""
+    pp = exported.pp
+    eager = Normalized(model, pp).eval()
+
+    def make(batch: int) -> np.ndarray:
+        return np.random.default_rng(0).random((batch, 3, image_size, image_size), dtype=np.float32)
+
+    out: dict[str, dict[str, float]] = {"torch_eager": {}, exported.backend: {}}
+    for b in LATENCY_BATCHES:
+        out["torch_eager"][str(b)] = round(latency_ms(eager, image_size, b, min_seconds=seconds), 4)
+        out[exported.backend][str(b)] = round(
+            callable_latency_ms(exported.logits, make, b, min_seconds=seconds), 4)
+    return out
+
+
+def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Path, parity: Any,
+               bench_seconds: float = 0.5) -> dict:
+    """The card's content for ``exported`` (written from ``model``, loaded from ``checkpoint``)."""
+    pp = Preprocessing.from_dict(meta["preprocessing"])
+    run_dir = checkpoint.parent
+    summary = _read_json(run_dir / "summary.json")
+    config = _read_config(run_dir / "config.yaml")
+    from ..models.checkpoint import read_meta
+
+    ckpt_meta = read_meta(checkpoint)
+    path = Path(exported.path)
+    return {
+        "model": {"arch": meta["arch"], "num_classes": meta["num_classes"], "classes": meta["classes"],
+                  "params": count_params(model), "flops": count_flops(model, pp.image_size),
+                  "preprocessing": pp.to_dict(), "input": meta["input"], "output": meta["output"]},
+        "file": {"path": str(path), "format": meta["format"], "bytes": path.stat().st_size,
+                 "sha256": _sha256(path), "opset": meta.get("opset")},
+        "source": {"checkpoint": str(checkpoint), "run": meta.get("run"), "epoch": ckpt_meta.get("epoch"),
+                   "ema": ckpt_meta.get("ema"), "trained": ckpt_meta.get("created"),
+                   "trained_with": ckpt_meta.get("kdistill_version")},
+        "recipe": {"method": ckpt_meta.get("method"), "losses": ckpt_meta.get("losses"),
+                   "teachers": ckpt_meta.get("teachers"), "config": config},
+        "accuracy": {"checkpoint_val": ckpt_meta.get("metrics") or None,
+                     "run_best": (summary or {}).get("best"), "run_best_epoch": (summary or {}).get("best_epoch"),
+                     "run_epochs": (summary or {}).get("epochs")},
+        "parity": asdict(parity) if parity is not None else None,
+        "latency_ms_per_image": measure_latency(model, exported, pp.image_size, bench_seconds),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "kdistill_version": meta["kdistill_version"],
+    }
+
+
+def _pct(v: Any) -> str:
+    return f"{100 * v:.2f}%" if isinstance(v, (int, float)) else "n/a"
+
+
+def render_markdown(card: dict) -> str:
+    m, f, src, rec, acc = card["model"], card["file"], card["source"], card["recipe"], card["accuracy"]
+    pp = m["preprocessing"]
+    lines = [f"# Model card: {m['arch']} ({f['format']})", "",
+             f"`{Path(f['path']).name}`, {f['bytes']:,} bytes, sha256 `{f['sha256'][:16]}…`"
+             + (f", ONNX opset {f['opset']}" if f.get("opset") else ""), "",
+             "## Use", "",
+             f"- Input `{m['input']['name']}`: float32 NCHW RGB in [0, 1], shape (batch, 3, "
+             f"{pp['image_size']}, {pp['image_size']}); resize the short side to "
+             f"{math.floor(pp['image_size'] / pp['crop_pct'])} and centre-crop {pp['image_size']}; mean {pp['mean']} / std "
+             f"{pp['std']} are applied inside the graph.",
+             f"- Output `{m['output']['name']}`: logits over {m['num_classes']} classes (apply softmax).",
+             f"- Classes: {', '.join(m['classes'][:20])}" + (" …" if len(m["classes"]) > 20 else ""),
+             "- `kdistill predict FILE IMAGES...` and `kdistill serve FILE` read all of this from the file.",
+             "", "## Cost", "",
+             f"- Parameters: {m['params']:,}; FLOPs per image: {m['flops'] / 1e6:,.1f} M",
+             "", "| runtime | ms/image, batch 1 | ms/image, batch 32 |", "|---|---|---|"]
+    for runtime, row in card["latency_ms_per_image"].items():
+        lines.append(f"| {runtime} | {row.get('1', float('nan')):.3f} | {row.get('32', float('nan')):.3f} |")
+    load = card.get("load_average_1min")
+    lines += ["", f"Measured {card['date']} on {card['machine']}"
+              + (f" (1-minute load average {load:.1f})" if load is not None else "")
+              + ".", "", "## Accuracy", ""]
+    ck = acc.get("checkpoint_val") or {}
+    if ck:
+        lines.append(f"- This checkpoint (epoch {src.get('epoch')}), val: top-1 {_pct(ck.get('top1'))}, "
+                     f"MPA {_pct(ck.get('mpa'))}, top-5 {_pct(ck.get('top5'))}, n={ck.get('n')}")
+    best = acc.get("run_best") or {}
+    if best:
+        lines.append(f"- Run best (epoch {acc.get('run_best_epoch')} of {acc.get('run_epochs')}), val: "
+                     f"top-1 {_pct(best.get('top1'))}, MPA {_pct(best.get('mpa'))}")
+    if not ck and not best:
+        lines.append("- No val metrics recorded with this checkpoint.")
+    par = card.get("parity")
+    if par:
+        lines.append(f"- Export parity on {par['n']} {par['source']}: max |Δprob| {par['max_abs_diff']:.2e} "
+                     f"(tolerance {par['tolerance']:.0e}), top-1 agreement {_pct(par['top1_agreement'])}")
+    lines += ["", "## How it was made", "",
+              f"- Method: {rec.get('method') or 'unknown'}" + (f"; loss terms: {', '.join(rec['losses'])}"
+                                                              if rec.get("losses") else "")]
+    for t in rec.get("teachers") or []:
+        lines.append(f"- Teacher: {t.get('teacher')}" + (f" (weight {t['weight']})" if "weight" in t else ""))
+    cfg = rec.get("config") or {}
+    for section, keys in CONFIG_KEYS.items():
+        values = {k: cfg.get(section, {}).get(k) for k in keys if (cfg.get(section) or {}).get(k) is not None}
+        if values:
+            lines.append(f"- {section}: " + ", ".join(f"{k}={v}" for k, v in values.items()))
+    lines += [f"- Checkpoint: `{src['checkpoint']}`; run `{src.get('run')}`; trained {src.get('trained')} "
+              f"with kdistill {src.get('trained_with')}; exported with kdistill {card['kdistill_version']}", ""]
+    return "\n".join(lines)
+
+
+def write_card(out: str | Path, card: dict) -> tuple[Path, Path]:
+    """Write ``<out>.card.md`` and ``<out>.card.json`` atomically; returns (md, json)."""
+    md, js = card_paths(out)
+    write_json(js, card)
+    atomic_write_text(md, render_markdown(card))
+    return md, js

@@ -1,0 +1,268 @@
+"""One interface over a shipped student: an ONNX file (onnxruntime), a TorchScript file or a
+kdistill checkpoint / run folder (torch eager), plus the image preprocessing they share.
+
+Input convention (every exported graph, ``predict`` and ``serve``): a float32 NCHW batch of
+RGB images with values in [0, 1], already resized and centre-cropped to ``image_size``
+(:class:`~kdistill.data.transforms.ResizeCenterCrop` with the model's ``crop_pct``), *not*
+normalised: the mean/std normalisation is inside the graph. The batch dimension is dynamic.
+The graph returns logits ``(B, num_classes)``; callers apply the softmax.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.transforms import Preprocessing, ResizeCenterCrop
+from ..errors import UserError
+
+META_KEY = "kdistill"  # ONNX metadata_props key / TorchScript extra file (kdistill.json)
+TS_EXTRA = "kdistill.json"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+CHECKPOINT_SUFFIXES = (".safetensors",)
+
+
+class Normalized(nn.Module):
+    """``model((x - mean) / std)``: the exported graph, taking [0, 1] images."""
+
+    def __init__(self, model: nn.Module, pp: Preprocessing) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.mean) / self.std)
+
+
+# ------------------------------------------------------------------ predictors
+
+
+class Predictor:
+    """A loaded model: ``logits(x)`` for a float32 [0, 1] NCHW numpy batch, and ``meta``
+    (classes, preprocessing, arch, run...)."""
+
+    backend = "none"
+
+    def __init__(self, meta: dict, path: str) -> None:
+        self.meta = meta
+        self.path = path
+        self.pp = Preprocessing.from_dict(meta["preprocessing"])
+        self.classes: list[str] = list(meta["classes"])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def probs(self, x: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(x))
+
+
+class OnnxPredictor(Predictor):
+    backend = "onnxruntime"
+
+    def __init__(self, path: str, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as err:  # noqa: BLE001
+            raise UserError(f"cannot load ONNX model '{path}' ({_first_line(err)})") from None
+        raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
+        super().__init__(_parse_meta(raw, path), str(path))
+        self.input_name = self.session.get_inputs()[0].name
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+class TorchPredictor(Predictor):
+    """TorchScript module or eager model, on CPU, in inference mode (thread-safe)."""
+
+    def __init__(self, module: nn.Module, meta: dict, path: str, backend: str) -> None:
+        super().__init__(meta, path)
+        self.module = module.eval()
+        self.backend = backend
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
+
+
+def load_torchscript(path: str) -> TorchPredictor:
+    extra = {TS_EXTRA: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"cannot load TorchScript model '{path}' ({_first_line(err)})") from None
+    raw = extra[TS_EXTRA]
+    meta = _parse_meta(raw.decode() if isinstance(raw, bytes) else raw, path)
+    return TorchPredictor(module, meta, str(path), "torchscript")
+
+
+def load_checkpoint(run_or_ckpt: str) -> TorchPredictor:
+    """A kdistill run folder or .safetensors checkpoint, run eagerly behind :class:`Normalized`."""
+    from ..models.checkpoint import load_model, meta_preprocessing
+
+    model, meta = load_model(run_or_ckpt, "cpu")
+    export_meta = {"arch": meta["arch"], "num_classes": meta["num_classes"], "classes": meta["classes"],
+                   "preprocessing": meta["preprocessing"], "run": meta.get("run"),
+                   "checkpoint": meta["path"], "kdistill_version": meta.get("kdistill_version")}
+    return TorchPredictor(Normalized(model, meta_preprocessing(meta)), export_meta, meta["path"], "torch")
+
+
+def detect_format(path: str) -> str:
+    """'checkpoint' (run folder or .safetensors), 'torchscript' (a zip archive) or 'onnx'."""
+    p = Path(path)
+    if p.is_dir() or p.suffix.lower() in CHECKPOINT_SUFFIXES:
+        return "checkpoint"
+    if not p.is_file():
+        raise UserError(f"model '{path}' does not exist (give an .onnx or TorchScript file, "
+                        "a run folder or a .safetensors checkpoint)")
+    if p.suffix.lower() == ".onnx":
+        return "onnx"
+    return "torchscript" if zipfile.is_zipfile(p) else "onnx"
+
+
+def load_predictor(model: str, threads: int | None = None) -> Predictor:
+    """Load MODEL, whatever it is (see :func:`detect_format`)."""
+    fmt = detect_format(model)
+    if fmt == "checkpoint":
+        return load_checkpoint(model)
+    if fmt == "torchscript":
+        return load_torchscript(model)
+    return OnnxPredictor(model, threads)
+
+
+def read_export_meta(path: str) -> dict:
+    """The metadata embedded in an exported ONNX or TorchScript file."""
+    if detect_format(path) == "torchscript":
+        return load_torchscript(path).meta
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"cannot read ONNX model '{path}' ({_first_line(err)})") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    return _parse_meta(props.get(META_KEY), path)
+
+
+def _parse_meta(raw: str | None, path: str) -> dict:
+    if not raw:
+        raise UserError(f"'{path}' has no kdistill metadata (class names, preprocessing); "
+                        "export it with `kdistill export`")
+    try:
+        meta = json.loads(raw)
+        Preprocessing.from_dict(meta["preprocessing"])
+        list(meta["classes"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise UserError(f"'{path}' has unreadable kdistill metadata ({_first_line(err)})") from None
+    return meta
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+# ------------------------------------------------------------------ images
+
+
+class ImageError(Exception):
+    """An upload or file that is not a usable image; ``status`` is the HTTP code to answer."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def as_rgb_uint8(img: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) uint8 from what decoders return (first frame of an animation, 16-bit PNG)."""
+    if img.ndim == 4:
+        img = img[0]
+    if img.dtype != torch.uint8:
+        from torchvision.transforms.v2 import functional as TF
+
+        img = TF.to_dtype(img, torch.uint8, scale=True)
+    if img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return img
+
+
+class Preparer:
+    """uint8 CHW image -> float32 (3, S, S) in [0, 1], exactly as evaluation crops it."""
+
+    def __init__(self, pp: Preprocessing) -> None:
+        self.crop = ResizeCenterCrop(pp.image_size, pp.crop_pct)
+
+    def __call__(self, img: torch.Tensor) -> np.ndarray:
+        return self.crop(as_rgb_uint8(img)).float().div_(255).numpy()
+
+
+def read_rgb(source: str | bytes, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode a file path or bytes to a uint8 (3, H, W) RGB tensor with PIL.
+
+    Why not :func:`kdistill.data.sources.read_image` (torchvision's native decoders): with
+    torchvision 0.29 a PNG whose compressed data is corrupt (one flipped byte in IDAT, or a
+    header that disagrees with the data) kills the whole process with a segfault inside
+    libpng's error path, which no ``except`` can catch; PIL raises instead. On valid files
+    PIL gives the very same pixels as ``read_image`` (JPEG baseline/progressive at every
+    chroma subsampling, PNG grey/palette/RGBA, WebP, GIF: checked pixel-for-pixel, and by
+    the parity test of predict against evaluation), so evaluation's preprocessing is kept.
+
+    The size is read from the header before anything is decoded: over ``max_pixels``
+    (decompression bombs) raises :class:`ImageError` with status 413; so does PIL's own
+    bomb limit. Anything unreadable raises :class:`ImageError` with status 400.
+    """
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, (bytes, bytearray)) and not source:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+                width, height = im.size  # header only: nothing decoded yet
+                if max_pixels is not None and width * height > max_pixels:
+                    raise ImageError(f"image has {width}x{height} = {width * height} pixels, "
+                                     f"over the limit of {max_pixels}", 413)
+                arr = np.asarray(im.convert("RGB"))  # first frame of an animation
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"image too large ({_first_line(err)})", 413) from None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
+        raise ImageError(f"not a readable image ({type(err).__name__}: {_first_line(err)})") from None
+    if arr.ndim != 3 or arr.shape[0] * arr.shape[1] == 0:
+        raise ImageError("image has no pixels")
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def top_k(probs: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """``[{"label", "index", "prob"}, ...]`` for the ``k`` most probable classes of one image."""
+    k = max(1, min(k, len(classes)))
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"label": classes[i], "index": int(i), "prob": round(float(probs[i]), 6)} for i in order]
