@@ -1,9 +1,12 @@
 """Shared fixtures: tiny generated image datasets and a CLI runner."""
 from __future__ import annotations
 
+import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,24 @@ def make_folder(root: Path, per_class: dict[str, int], size: int = 32, seed: int
             for i in range(n):
                 make_image(ci, size, rng).save(d / f"{i:03d}.{ext}")
     return root
+
+
+def png_bytes(size: int = 32, seed: int = 0, fmt: str = "PNG") -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def corrupt_png(size: int = 64) -> bytes:
+    """A PNG with one flipped byte in its compressed data and a valid CRC: passes every
+    header check; torchvision's native decoder segfaults on it (why kdistill decodes with PIL)."""
+    data = bytearray(png_bytes(size))
+    i = data.index(b"IDAT")
+    n = struct.unpack(">I", data[i - 4:i])[0]
+    data[i + 20] ^= 0xFF
+    data[i + 4 + n:i + 8 + n] = struct.pack(">I", zlib.crc32(bytes(data[i:i + 4 + n])) & 0xFFFFFFFF)
+    return bytes(data)
 
 
 @pytest.fixture(scope="session")

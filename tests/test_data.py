@@ -12,7 +12,7 @@ from kdistill.data.sources import FASHION_MNIST_DIR, parse_list_line
 from kdistill.data.transforms import Preprocess, Preprocessing, train_transform, tta_views
 from kdistill.errors import UserError
 
-from conftest import CLASSES, make_folder
+from conftest import CLASSES, corrupt_png, make_folder
 
 
 def test_image_folder(tiny_root):
@@ -70,21 +70,23 @@ def test_corrupt_images_skipped_and_counted(tmp_path):
     root = make_folder(tmp_path, {"train": 6, "val": 2})
     (root / "train" / "circle" / "broken.png").write_bytes(b"not an image at all")
     (root / "train" / "square" / "empty.jpg").write_bytes(b"")
+    (root / "train" / "stripes" / "flipped.png").write_bytes(corrupt_png())  # crashed torchvision.io
     src = open_source(str(root), "train")
     ds = ImageDataset(src)
     items = [ds[i] for i in range(len(ds))]
-    assert sum("skipped" in it for it in items) == 2
+    assert sum("skipped" in it for it in items) == 3
     batch = collate(items)
-    assert len(batch["skipped"]) == 2 and batch["image"].shape[0] == 18
+    assert len(batch["skipped"]) == 3 and batch["image"].shape[0] == 18
     mem = decode_into_memory(src, workers=0)
-    assert len(mem) == 18 and len(mem.bad) == 2 and mem.in_memory
+    assert len(mem) == 18 and len(mem.bad) == 3 and mem.in_memory
     # a training run skips them and reports them (never fatal)
     cfg = DataConfig(root=str(root), in_memory="no", workers=0)
     splits = open_splits(cfg)
     loader = EpochLoader(ImageDataset(splits.train, train_transform(32, 32)), 4, 0, seed=0)
     loader.set_epoch(0)
     seen = [b for b in loader]
-    assert sum(len(b["skipped"]) for b in seen) + sum(len(b.get("target", [])) for b in seen) == 20
+    skipped = sum(len(b["skipped"]) for b in seen)
+    assert skipped == 3 and skipped + sum(len(b.get("target", [])) for b in seen) == 4 * len(seen) == 20
 
 
 def test_in_memory_matches_lazy(tiny_root):

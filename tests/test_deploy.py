@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, ROOT, run_cli
+from conftest import CLASSES, ROOT, corrupt_png, png_bytes, run_cli
 from kdistill.cli import main
 
 pytest.importorskip("onnxruntime")
@@ -42,30 +42,11 @@ def exports(trained_run, tmp_path_factory) -> dict:
             "torchscript": (d / "student.pt", _export(trained_run, d / "student.pt"))}
 
 
-def png_bytes(size: int = 32, seed: int = 0, fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
-
-
 def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height`` pixels (CRC fixed up)."""
     data = bytearray(png_bytes(1))
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
-    return bytes(data)
-
-
-def corrupt_png(size: int = 64) -> bytes:
-    """A PNG with one flipped byte in its compressed data and a valid CRC: passes every
-    header check; torchvision's native decoder segfaults on it (the reason deploy decodes
-    with PIL)."""
-    data = bytearray(png_bytes(size))
-    i = data.index(b"IDAT")
-    n = struct.unpack(">I", data[i - 4:i])[0]
-    data[i + 20] ^= 0xFF
-    data[i + 4 + n:i + 8 + n] = struct.pack(">I", zlib.crc32(bytes(data[i:i + 4 + n])) & 0xFFFFFFFF)
     return bytes(data)
 
 
@@ -111,6 +92,7 @@ def test_model_card(exports):
     assert 0 <= card["accuracy"]["run_best"]["top1"] <= 1 and "mpa" in card["accuracy"]["checkpoint_val"]
     assert card["recipe"]["method"] == "supervised" and card["recipe"]["config"]["model"]["name"] == "resnet8"
     assert card["date"] and "cores" in card["machine"] and card["parity"]["max_abs_diff"] <= 1e-4
+    assert card["file"]["opset"] == 17 and len(card["file"]["sha256"]) == 64
     md = Path(f"{path}.card.md").read_text()
     assert "| onnxruntime |" in md and "top-1" in md and "Method: supervised" in md
     ts_card = json.loads(Path(f"{exports['torchscript'][0]}.card.json").read_text())
@@ -324,6 +306,22 @@ def test_server_limits_pixels_and_body(onnx_predictor):
         assert r.status_code == 413, r.text
         assert c.post("/predict", files={"file": ("s.png", png_bytes(30), "image/png")}).status_code == 200
         assert c.get("/metadata").json()["batching"] is False
+
+
+def test_server_full_queue_503_and_model_failure_500(onnx_predictor, monkeypatch):
+    two = [("file", (f"{i}.png", png_bytes(), "image/png")) for i in range(2)]
+    with client_for(onnx_predictor, queue_size=1, max_batch=2) as c:
+        r = c.post("/predict", files=two)
+        assert r.status_code == 503 and "server busy" in r.json()["error"] and r.headers["retry-after"] == "1"
+        assert c.post("/predict", files=two[:1]).status_code == 200
+
+    def broken(x):
+        raise RuntimeError("model exploded")
+    monkeypatch.setattr(onnx_predictor, "probs", broken)
+    with client_for(onnx_predictor) as c:
+        r = c.post("/predict", files=two)
+        assert r.status_code == 500 and "model exploded" in r.json()["error"]
+        assert c.get("/health").status_code == 200
 
 
 def test_micro_batcher_groups_concurrent_requests_and_bounds_its_queue():

@@ -122,8 +122,8 @@ def render_markdown(card: dict) -> str:
              "## Use", "",
              f"- Input `{m['input']['name']}`: float32 NCHW RGB in [0, 1], shape (batch, 3, "
              f"{pp['image_size']}, {pp['image_size']}); resize the short side to "
-             f"{math.floor(pp['image_size'] / pp['crop_pct'])} and centre-crop {pp['image_size']}; mean {pp['mean']} / std "
-             f"{pp['std']} are applied inside the graph.",
+             f"{math.floor(pp['image_size'] / pp['crop_pct'])} and centre-crop {pp['image_size']}; "
+             f"mean {pp['mean']} / std {pp['std']} are applied inside the graph.",
              f"- Output `{m['output']['name']}`: logits over {m['num_classes']} classes (apply softmax).",
              f"- Classes: {', '.join(m['classes'][:20])}" + (" …" if len(m["classes"]) > 20 else ""),
              "- `kdistill predict FILE IMAGES...` and `kdistill serve FILE` read all of this from the file.",

@@ -18,7 +18,8 @@ def add_deploy_parsers(subparsers) -> None:
     e.add_argument("--format", choices=FORMATS, help="default: from --out's suffix (.onnx; .pt .pth .ts .jit)")
     e.add_argument("--out", required=True, metavar="FILE", help="file to write (card beside it: FILE.card.md/.json)")
     e.add_argument("--image-size", type=int, metavar="S", help="input size (default: the size it was trained at)")
-    e.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N", help=f"ONNX opset (default {DEFAULT_OPSET})")
+    e.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N",
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
     e.add_argument("--data", metavar="ROOT", help="parity images from ROOT's val split (default: the run's data)")
     e.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, metavar="T",
                    help=f"max |probability difference| torch vs export (default {DEFAULT_TOLERANCE:g})")

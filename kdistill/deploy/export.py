@@ -252,11 +252,11 @@ def export_checkpoint(run_or_ckpt: str, fmt: str, out: str, image_size: int | No
     inputs, source = parity_inputs(pp, meta["classes"], ckpt, data, n_images)
     parity, exported = export_module(model, emeta, fmt, out, inputs, source, tolerance, opset)
     print(parity.line(exported.backend))
-    result = {"out": str(out), "format": fmt, "parity": asdict(parity), "meta": emeta}
+    result = {"out": str(out), "format": fmt, "parity": asdict(parity), "meta": exported.meta}
     if card:
         from .card import build_card, write_card
 
-        doc = build_card(model, exported, emeta, ckpt, parity, bench_seconds)
+        doc = build_card(model, exported, exported.meta, ckpt, parity, bench_seconds)
         result["card"] = [str(p) for p in write_card(out, doc)]
     print(f"exported {meta['arch']} ({fmt}) -> {out}" + (f"  card: {result['card'][0]}" if card else ""))
     return result

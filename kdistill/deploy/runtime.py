@@ -212,44 +212,14 @@ class Preparer:
 
 
 def read_rgb(source: str | bytes, max_pixels: int | None = None) -> torch.Tensor:
-    """Decode a file path or bytes to a uint8 (3, H, W) RGB tensor with PIL.
+    """:func:`kdistill.data.sources.read_image` (PIL; the decoder evaluation uses), with its
+    errors as :class:`ImageError`: 413 for images over ``max_pixels``, else 400."""
+    from ..data.sources import UnreadableImage, read_image
 
-    Why not :func:`kdistill.data.sources.read_image` (torchvision's native decoders): with
-    torchvision 0.29 a PNG whose compressed data is corrupt (one flipped byte in IDAT, or a
-    header that disagrees with the data) kills the whole process with a segfault inside
-    libpng's error path, which no ``except`` can catch; PIL raises instead. On valid files
-    PIL gives the very same pixels as ``read_image`` (JPEG baseline/progressive at every
-    chroma subsampling, PNG grey/palette/RGBA, WebP, GIF: checked pixel-for-pixel, and by
-    the parity test of predict against evaluation), so evaluation's preprocessing is kept.
-
-    The size is read from the header before anything is decoded: over ``max_pixels``
-    (decompression bombs) raises :class:`ImageError` with status 413; so does PIL's own
-    bomb limit. Anything unreadable raises :class:`ImageError` with status 400.
-    """
-    import io
-
-    from PIL import Image
-
-    if isinstance(source, (bytes, bytearray)) and not source:
-        raise ImageError("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-                width, height = im.size  # header only: nothing decoded yet
-                if max_pixels is not None and width * height > max_pixels:
-                    raise ImageError(f"image has {width}x{height} = {width * height} pixels, "
-                                     f"over the limit of {max_pixels}", 413)
-                arr = np.asarray(im.convert("RGB"))  # first frame of an animation
-    except ImageError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"image too large ({_first_line(err)})", 413) from None
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise ImageError(f"not a readable image ({type(err).__name__}: {_first_line(err)})") from None
-    if arr.ndim != 3 or arr.shape[0] * arr.shape[1] == 0:
-        raise ImageError("image has no pixels")
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+        return read_image(source, max_pixels)
+    except UnreadableImage as err:
+        raise ImageError(str(err), 413 if err.too_large else 400) from None
 
 
 # ------------------------------------------------------------------ outputs

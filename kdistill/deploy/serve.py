@@ -66,7 +66,15 @@ class ServeSettings:
 
 
 class BodyTooLarge(Exception):
-    pass
+    """The request body grew past the limit while streaming in (HTTP 413)."""
+
+
+class Reject(Exception):
+    """A request answered with ``{"error": message}`` and a 4xx ``status``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
 
 
 class BodyLimit:
@@ -115,6 +123,10 @@ async def _send_json(send, status: int, obj: dict) -> None:
 
 def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     """The FastAPI application serving ``predictor`` under ``settings``' limits."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None and settings.max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = settings.max_pixels  # else PIL's own bomb limit would be lower
     batcher = MicroBatcher(predictor.probs, settings.max_batch, settings.max_wait_ms, settings.queue_size)
     metrics = Metrics(batcher.depth)
     batcher.on_batch = metrics.observe_batch
@@ -149,8 +161,31 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
     def decode(data: bytes) -> np.ndarray:
         return prep(read_rgb(data, settings.max_pixels))
 
+    async def read_uploads(form) -> tuple[list[str], list[np.ndarray]]:
+        """Names and prepared images of the form's ``file`` parts; :class:`Reject` on the first
+        bad one."""
+        uploads = form.getlist("file")
+        if not uploads:
+            raise Reject(400, "no file: send the image(s) in multipart field 'file'")
+        names, images = [], []
+        for n, up in enumerate(uploads):
+            if not isinstance(up, UploadFile):
+                raise Reject(400, f"field 'file' #{n + 1} is text, not a file upload")
+            name = up.filename or f"file #{n + 1}"
+            part_type = (up.content_type or "").split(";")[0].strip().lower()
+            if part_type and not part_type.startswith(ALLOWED_PART_TYPES):
+                raise Reject(415, f"'{name}' has content type '{part_type}'; send an image "
+                                  "(image/* or application/octet-stream)")
+            data = await up.read()
+            try:
+                images.append(await run_in_threadpool(decode, data))
+            except ImageError as err:
+                raise Reject(err.status, f"'{name}': {err}") from None
+            names.append(name)
+        return names, images
+
     @app.post("/predict")
-    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)):  # noqa: C901 - one pass over the checks
+    async def predict(request: Request, top_k: int = Query(5, ge=1, le=1000)):
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             return error(415, "send images as multipart/form-data with field 'file' "
@@ -163,30 +198,17 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
             detail = getattr(err, "detail", None) or str(err) or type(err).__name__
             return error(400, f"bad multipart body: {detail}")
         try:
-            uploads = form.getlist("file")
-            if not uploads:
-                return error(400, "no file: send the image(s) in multipart field 'file'")
-            images = []
-            for n, up in enumerate(uploads):
-                if not isinstance(up, UploadFile):
-                    return error(400, f"field 'file' #{n + 1} is text, not a file upload")
-                name = up.filename or f"file #{n + 1}"
-                part_type = (up.content_type or "").split(";")[0].strip().lower()
-                if part_type and not part_type.startswith(ALLOWED_PART_TYPES):
-                    return error(415, f"'{name}' has content type '{part_type}'; send an image "
-                                      "(image/* or application/octet-stream)")
-                data = await up.read()
-                try:
-                    images.append(await run_in_threadpool(decode, data))
-                except ImageError as err:
-                    return error(err.status, f"'{name}': {err}")
-            names = [u.filename or f"file #{n + 1}" for n, u in enumerate(uploads)]
+            names, images = await read_uploads(form)
+        except Reject as rej:
+            return error(rej.status, rej.message)
         finally:
             await form.close()
         try:
             probs = await batcher.submit(images)
         except QueueFull as err:
             return error(503, f"server busy ({err}); retry later", {"Retry-After": "1"})
+        except Exception as err:  # noqa: BLE001 - a model failure answers 500, the server goes on
+            return error(500, f"inference failed: {type(err).__name__}: {str(err)[:200]}")
         return {"model": predictor.meta["arch"],
                 "predictions": [{"filename": name, "top_k": top_k_items(p, predictor.classes, top_k)}
                                 for name, p in zip(names, probs)]}

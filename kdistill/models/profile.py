@@ -86,7 +86,8 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    line = f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+    line = (f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
     try:
         import onnxruntime
 
