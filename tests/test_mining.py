@@ -1,7 +1,6 @@
 """SSLD mining: pool streaming, pHash/embedding dedup, top-k per class, resume, memory bound."""
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -98,20 +97,10 @@ def reference_selection(probs: np.ndarray, k: int, allowed: np.ndarray) -> dict[
 
 
 def run_mine_cli(argv: list[str]) -> int:
-    """`kdistill mine ...` through the real parser class, wired in or not (yet)."""
-    from kdistill import cli
-    from kdistill.mining import add_mine_parser
+    """`kdistill mine ...` in this process (exit status and stderr as the command gives them)."""
+    from kdistill.cli import main
 
-    parser = cli.build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "mine" not in sub.choices:
-        add_mine_parser(sub)
-    try:
-        args = parser.parse_args(["mine", *argv])
-        return args.func(args)
-    except KdistillError as err:
-        print(f"kdistill: error: {err}", file=sys.stderr)
-        return err.exit_code
+    return main(["mine", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -436,11 +425,6 @@ def test_bad_input_is_a_user_error(trained_run, toy_pool, tmp_path, capsys):
 
 
 def test_kdistill_mine_subprocess(trained_run, toy_pool, tmp_path):
-    from kdistill.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "mine" not in sub.choices:
-        pytest.skip("`mine` is not wired into kdistill.cli yet")
     bad = run_cli("mine", "--teacher", str(trained_run), "--pool", str(toy_pool), "--top-k", "-1",
                   "--out", str(tmp_path / "m.txt"))
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
@@ -448,3 +432,23 @@ def test_kdistill_mine_subprocess(trained_run, toy_pool, tmp_path):
                  "--out", str(tmp_path / "m.txt"), "--workers", "0", "--no-progress")
     assert ok.returncode == 0, ok.stderr
     assert json.loads(Path(f"{tmp_path / 'm.txt'}.summary.json").read_text())["selected"] == 3
+
+
+def test_torchrun_ranks_score_their_shards_and_rank0_merges(trained_run, toy_pool, tmp_path):
+    """Two processes (gloo) each score every other shard; the merged list equals one process's."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    single = tmp_path / "single.txt"
+    mine(str(trained_run), str(toy_pool), 3, str(single), shard_size=8, **FAST)
+    out = tmp_path / "ddp.txt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "kdistill",
+           "mine", "--teacher", str(trained_run), "--pool", str(toy_pool), "--top-k", "3", "--out", str(out),
+           "--shard-size", "8", "--batch-size", "4", "--workers", "0", "--no-progress", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_text() == single.read_text()
+    assert proc.stdout.count("mined ") == 1  # rank 0 reports

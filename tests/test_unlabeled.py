@@ -14,7 +14,7 @@ from kdistill.methods.distill import Distill, LossBank, TermSpec
 from kdistill.methods.teachers import Teacher, TeacherSet
 from kdistill.models import create_model
 
-from conftest import TRAIN_ARGS, run_cli
+from conftest import TRAIN_ARGS, make_folder, run_cli
 
 PP = Preprocessing(32, [0.5] * 3, [0.25] * 3)
 
@@ -105,3 +105,41 @@ def test_paddleclas_ssld_list_with_ignore_labels(tiny_root, trained_run, tmp_pat
                  "1", "--out", str(out), "--loss", "js", "--loss", "ce", "--ignore-labels", *TRAIN_ARGS]) == 0
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["train.ce"] == 0 and row["train.js"] > 0
+
+
+def test_ssld_command_runs_stages_and_reuses_them(tiny_root, trained_run, tmp_path, capsys):
+    """kdistill ssld: mine -> distill (labeled + mined) -> fine-tune, each in its sub-folder;
+    a second call reuses every finished stage; the table names the mined count."""
+    pool = make_folder(tmp_path / "pool", {"p": 6}, seed=11) / "p"
+    out = tmp_path / "ssld"
+    args = ["ssld", "--data", str(tiny_root), "--teacher", str(trained_run), "--pool", str(pool),
+            "--top-k", "4", "--model", "resnet8", "--epochs", "1", "--finetune-epochs", "1",
+            "--out", str(out), *TRAIN_ARGS,  # toy images are perceptual copies of each other: no dedup
+            "-o", "ssld.phash_threshold=-1", "-o", "ssld.embed_threshold=2"]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "| mine | 12 selected of 18 " in table and "fine-tune (labeled)" in table
+    mined = (out / "mine" / "mined.txt").read_text().splitlines()
+    assert len(mined) == 12
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) == {"mine", "distill (labeled + mined)", "fine-tune (labeled)"}
+    assert (out / "finetune" / "best.safetensors").is_file() and (out / "best.safetensors").is_file()
+    distill_row = json.loads((out / "distill" / "metrics.jsonl").read_text().splitlines()[0])
+    assert distill_row["train.js"] > 0  # label-free term on labeled + mined images
+    stamp = (out / "distill" / "last.pt").stat().st_mtime_ns
+    assert main(args) == 0  # everything finished: reused, not retrained
+    assert (out / "distill" / "last.pt").stat().st_mtime_ns == stamp
+    assert "reusing" in capsys.readouterr().err
+
+
+def test_ssld_refuses_a_teacher_over_other_classes(tiny_root, tmp_path):
+    other = make_folder(tmp_path / "other", {"train": 6, "val": 2}, classes=["x", "y", "z"])
+    teacher = tmp_path / "t"
+    assert main(["train", "--data", str(other), "--model", "resnet8", "--epochs", "1", "--out", str(teacher),
+                 *TRAIN_ARGS]) == 0
+    proc = run_cli("ssld", "--data", str(tiny_root), "--teacher", str(teacher), "--pool", str(tiny_root / "test"),
+                   "--top-k", "2", "--model", "resnet8", "--out", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "same classes" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = run_cli("ssld", "--data", str(tiny_root), "--teacher", str(tmp_path / "none"), "--pool",
+                   str(tiny_root / "test"), "--top-k", "2", "--model", "resnet8", "--out", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..config import _check
 from ..errors import UserError
+from ..mining.dedup import EMBED_THRESHOLD, PHASH_THRESHOLD
 from ..utils import atomic_write_text, write_json
 from .callbacks import log
 from .distill import DistillConfig, distill
@@ -33,6 +34,8 @@ class SSLDSection:
     top_k: int = 1000  # images kept per class
     dedup_against: list[str] = field(default_factory=list)  # default: the data's val (and test)
     min_prob: float = 0.0  # never keep an image the teacher gives less than this
+    phash_threshold: int = PHASH_THRESHOLD  # dedup: max pHash distance of a copy (< 0: off)
+    embed_threshold: float = EMBED_THRESHOLD  # dedup: min embedding cosine of a copy (> 1: off)
     unlabeled_fraction: float | None = None  # share of mined images per batch (None: by counts)
     losses: list[str] = field(default_factory=lambda: ["js:1.0"])  # distill stage
     finetune_epochs: int = 2
@@ -77,6 +80,21 @@ def default_dedup(root: str) -> list[str]:
     return [s for s in (split_spec(root, "val"), split_spec(root, "test")) if s]
 
 
+def _check_teacher_classes(cfg: SSLDConfig, teacher: str) -> None:
+    """Mined rows carry the teacher's class indices: its classes must be the data's."""
+    from ..data.datasets import open_source
+    from ..models.checkpoint import read_meta, resolve_checkpoint
+
+    if not Path(teacher).exists():
+        raise UserError(f"teacher '{teacher}' does not exist (ssld needs a kdistill run folder or checkpoint)")
+    t_classes = list(read_meta(resolve_checkpoint(teacher))["classes"])
+    classes = open_source(cfg.data.root, "train", cfg.data.train, class_map=cfg.data.class_map).classes
+    if t_classes != classes:
+        raise UserError(f"teacher '{teacher}' predicts {len(t_classes)} classes ({', '.join(t_classes[:3])}, ...) "
+                        f"but the labeled data has {len(classes)} ({', '.join(classes[:3])}, ...); "
+                        "SSLD needs a teacher trained on the same classes in the same order")
+
+
 def ssld(cfg: SSLDConfig) -> dict:
     from ..mining import mine
 
@@ -87,6 +105,7 @@ def ssld(cfg: SSLDConfig) -> dict:
         raise UserError("ssld mines with exactly one --teacher")
     out = run_folder(cfg)
     teacher = cfg.distill.teachers[0]
+    _check_teacher_classes(cfg, teacher)
     mined = out / "mine" / "mined.txt"
     summary_path = Path(str(mined) + ".summary.json")
     if summary_path.is_file() and mined.is_file():
@@ -98,7 +117,13 @@ def ssld(cfg: SSLDConfig) -> dict:
         log(f"[mine] top-{sc.top_k} per class from {sc.pool} (dedup against {', '.join(dedup) or 'nothing'})")
         mine_summary = mine(teacher, sc.pool, sc.top_k, str(mined), dedup_against=dedup,
                             batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
-                            device=cfg.train.device, min_prob=sc.min_prob, progress=cfg.train.progress)
+                            device=cfg.train.device, phash_threshold=sc.phash_threshold,
+                            embed_threshold=sc.embed_threshold, min_prob=sc.min_prob,
+                            progress=cfg.train.progress)
+    if mine_summary["selected"] == 0:
+        raise UserError(f"mining kept no image of the {mine_summary['pool_size']} in '{sc.pool}' "
+                        f"({mine_summary['duplicates_removed']} near-copies of evaluation images, "
+                        f"{mine_summary['skipped']} unreadable); see {mined}.dedup.csv")
 
     dcfg = copy.deepcopy(cfg)
     dcfg.data.unlabeled, dcfg.data.unlabeled_fraction = str(mined), sc.unlabeled_fraction
@@ -117,9 +142,8 @@ def ssld(cfg: SSLDConfig) -> dict:
         rows.append(("fine-tune (labeled)", _stage(fcfg, out / "finetune", "finetune")))
 
     lines = ["| stage | images | val top-1 | val MPA |", "|---|---|---|---|",
-             f"| mine | {sum(mine_summary.get('selected_per_class', {}).values())} selected of "
-             f"{mine_summary.get('pool_size', '?')} ({mine_summary.get('duplicates', 0)} near-copies "
-             "of eval images removed) | - | - |"]
+             f"| mine | {mine_summary['selected']} selected of {mine_summary['pool_size']} "
+             f"({mine_summary['duplicates_removed']} near-copies of eval images removed) | - | - |"]
     for name, s in rows:
         b = s.get("best") or {}
         lines.append(f"| {name} | - | {b.get('top1', float('nan')):.4f} | {b.get('mpa', float('nan')):.4f} |")
