@@ -1,5 +1,4 @@
 """Data: ImageFolder roots, list files, Fashion-MNIST, corrupt images, transforms, loaders."""
-from pathlib import Path
 
 import pytest
 import torch

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from conftest import CLASSES, make_folder, run_cli
-from kdistill.errors import KdistillError, UserError
+from kdistill.errors import UserError
 from kdistill.mining import (EMBED_THRESHOLD, PHASH_THRESHOLD, TopK, assign, hamming, merge_shards,
                              mine, open_pool, phash)
 from kdistill.mining import score as score_mod

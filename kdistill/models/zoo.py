@@ -1,7 +1,6 @@
 """Registry of kdistill's own CIFAR-style networks (32 px input)."""
 from __future__ import annotations
 
-from torch import nn
 
 from ..registry import Registry
 
