@@ -1,7 +1,6 @@
 """Registry of kdistill's own CIFAR-style networks (32 px input)."""
 from __future__ import annotations
 
-
 from ..registry import Registry
 
 #: builder(num_classes=10, in_chans=3, drop_rate=0.0) -> nn.Module
