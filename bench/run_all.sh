@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 $PY bench/train_baselines.py                                   # issue 2: teacher, baseline, loop speed
+$PY bench/serve_load.py --run bench/cache/cifar/resnet20       # issue 6: load test, ORT vs eager
 $PY bench/distill_methods.py --pairs resnet20 --skip-throughput # issue 3: every method, resnet56 -> resnet20
 $PY bench/merge_teachers.py                                    # issue 3: teachers over different label sets
 $PY bench/ssld.py                                              # issue 4: SSLD with 10% labels
@@ -14,4 +15,3 @@ $PY bench/funmatch.py accuracy                                 # issue 5b
 $PY bench/funmatch.py topk                                     # issue 5: top-k truncation
 $PY bench/funmatch.py patience --epochs 30 --train-images 10000  # issue 5c
 $PY bench/distill_methods.py                                   # issue 3: + cross-family pair, throughput
-$PY bench/serve_load.py                                        # issue 6: load test, ORT vs eager
