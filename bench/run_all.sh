@@ -2,16 +2,17 @@
 # Every benchmark of BENCHMARKS.md, in dependency order (the CIFAR-10 resnet56 teacher first).
 # Each step reuses finished runs in bench/cache and resumes interrupted ones: rerun after a kill.
 #   nohup bench/run_all.sh > bench/cache/run_all.log 2>&1 &
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-$PY bench/train_baselines.py                                   # issue 2: teacher, baseline, loop speed
-$PY bench/serve_load.py --run bench/cache/cifar/resnet20       # issue 6: load test, ORT vs eager
-$PY bench/distill_methods.py --pairs resnet20 --skip-throughput # issue 3: every method, resnet56 -> resnet20
-$PY bench/merge_teachers.py                                    # issue 3: teachers over different label sets
-$PY bench/ssld.py                                              # issue 4: SSLD with 10% labels
-$PY bench/funmatch.py throughput                               # issue 5a
-$PY bench/funmatch.py accuracy                                 # issue 5b
-$PY bench/funmatch.py topk                                     # issue 5: top-k truncation
-$PY bench/funmatch.py patience --epochs 30 --train-images 10000  # issue 5c
-$PY bench/distill_methods.py                                   # issue 3: + cross-family pair, throughput
+step() { echo "== $(date -Is) $*"; "$PY" "$@" || echo "== FAILED ($?): $*"; }  # a failure does not stop the rest
+step bench/train_baselines.py                                   # issue 2: teacher, baseline, loop speed
+step bench/serve_load.py --run bench/cache/cifar/resnet20       # issue 6: load test, ORT vs eager
+step bench/distill_methods.py --pairs resnet20 --skip-throughput # issue 3: every method, resnet56 -> resnet20
+step bench/merge_teachers.py                                    # issue 3: teachers over different label sets
+step bench/ssld.py                                              # issue 4: SSLD with 10% labels
+step bench/funmatch.py throughput                               # issue 5a
+step bench/funmatch.py accuracy                                 # issue 5b
+step bench/funmatch.py topk                                     # issue 5: top-k truncation
+step bench/funmatch.py patience --epochs 30 --train-images 10000  # issue 5c
+step bench/distill_methods.py                                   # issue 3: + cross-family pair, throughput
