@@ -124,7 +124,11 @@ def test_tta_views_shapes():
     x = torch.rand(2, 3, 32, 32)
     views = tta_views(x)
     assert len(views) == 6 and all(v.shape == x.shape for v in views)
-    assert torch.equal(views[1], x.flip(-1))
+    assert torch.equal(views[0], x) and torch.equal(views[1], x.flip(-1))
+    # views 2..5: shifted by 2 px (32 / 16) towards each corner, zero-filled
+    shifted = views[2]  # content moved down-right: pixel (i, j) shows x(i - 2, j - 2)
+    assert torch.equal(shifted[..., 2:, 2:], x[..., :-2, :-2]) and shifted[..., :2, :].abs().sum() == 0
+    assert torch.equal(views[5][..., :-2, :-2], x[..., 2:, 2:])
 
 
 def test_epoch_loader_is_seeded(tiny_root):
