@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except KdistillError as err:
         print(f"kdistill: error: {err}", file=sys.stderr)
         return err.exit_code
+    except BrokenPipeError:  # e.g. `kdistill predict ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("kdistill: interrupted; the last completed epoch is saved (continue with --resume)",
               file=sys.stderr)

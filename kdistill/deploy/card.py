@@ -2,8 +2,8 @@
 ``<out>.card.md`` (for people).
 
 It records what was shipped (file, format, sha256, input convention, classes), its cost
-(parameters, FLOPs, latency per image at batch 1 and 32 in torch eager and in the exported
-runtime: onnxruntime for ONNX, TorchScript for TorchScript), its accuracy (the checkpoint's
+(parameters, FLOPs, single-thread latency per image at batch 1 and 32 in torch eager and in
+the exported runtime: onnxruntime for ONNX, TorchScript for TorchScript), its accuracy (the checkpoint's
 own val metrics and the run's ``summary.json``), how it was made (method, loss terms,
 teachers, the run's config.yaml) and when and where the numbers were measured.
 """
@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
 from torch import nn
 
 from ..data.transforms import Preprocessing
 from ..models.profile import callable_latency_ms, count_flops, latency_ms, machine
 from ..utils import atomic_write_text, count_params, write_json
-from .runtime import Normalized, Predictor
+from .runtime import Normalized, OnnxPredictor, Predictor
 
 LATENCY_BATCHES = (1, 32)
 CONFIG_KEYS = {"model": ("name", "pretrained"), "train": ("epochs", "batch_size", "ema_decay", "amp"),
@@ -59,20 +60,33 @@ def _read_config(path: Path) -> dict | None:
         return None
 
 
+LATENCY_THREADS = 1
+
+
 def measure_latency(model: nn.Module, exported: Predictor, image_size: int,
                     seconds: float = 0.5) -> dict[str, dict[str, float]]:
-    """ms per image at each of :data:`LATENCY_BATCHES` for torch eager and the export."""
+    """ms per image at each of :data:`LATENCY_BATCHES` for torch eager and the export, both
+    on :data:`LATENCY_THREADS` thread: a like-for-like figure that stays meaningful on a
+    busy machine (multi-threaded torch on shared cores slows down by orders of magnitude,
+    its threads waiting at barriers for descheduled peers)."""
     pp = exported.pp
     eager = Normalized(model, pp).eval()
+    if isinstance(exported, OnnxPredictor):
+        exported = OnnxPredictor(exported.path, threads=LATENCY_THREADS)
 
     def make(batch: int) -> np.ndarray:
         return np.random.default_rng(0).random((batch, 3, image_size, image_size), dtype=np.float32)
 
     out: dict[str, dict[str, float]] = {"torch_eager": {}, exported.backend: {}}
-    for b in LATENCY_BATCHES:
-        out["torch_eager"][str(b)] = round(latency_ms(eager, image_size, b, min_seconds=seconds), 4)
-        out[exported.backend][str(b)] = round(
-            callable_latency_ms(exported.logits, make, b, min_seconds=seconds), 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(LATENCY_THREADS)
+    try:
+        for b in LATENCY_BATCHES:
+            out["torch_eager"][str(b)] = round(latency_ms(eager, image_size, b, min_seconds=seconds), 4)
+            out[exported.backend][str(b)] = round(
+                callable_latency_ms(exported.logits, make, b, min_seconds=seconds), 4)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -129,7 +143,7 @@ def render_markdown(card: dict) -> str:
              "- `kdistill predict FILE IMAGES...` and `kdistill serve FILE` read all of this from the file.",
              "", "## Cost", "",
              f"- Parameters: {m['params']:,}; FLOPs per image: {m['flops'] / 1e6:,.1f} M",
-             "", "| runtime | ms/image, batch 1 | ms/image, batch 32 |", "|---|---|---|"]
+             "", f"| runtime ({LATENCY_THREADS} thread) | ms/image, batch 1 | ms/image, batch 32 |", "|---|---|---|"]
     for runtime, row in card["latency_ms_per_image"].items():
         lines.append(f"| {runtime} | {row.get('1', float('nan')):.3f} | {row.get('32', float('nan')):.3f} |")
     load = card.get("load_average_1min")
