@@ -49,6 +49,7 @@ def main() -> None:
             "train", run, args.teacher_epochs,
             ["-c", "configs/cifar/resnet20_baseline.yaml", "--data", str(subset_root(name, cls))])}
     t_args = [a for t in teachers.values() for a in ("--teacher", t["run"])]
+    joined = joined_teachers([t["run"] for t in teachers.values()])
     arms = {"labels only (baseline)": ensure_run(
         "train", CACHE / "distill" / "resnet56-resnet20" / "baseline", args.epochs,
         ["-c", "configs/cifar/resnet20_baseline.yaml", "--data", CIFAR, "-o", "model.name=resnet20"])}
@@ -60,9 +61,28 @@ def main() -> None:
         arms[name] = ensure_run("distill", WORK / slug, args.epochs,
                                 ["-c", KD, "--data", CIFAR, *t_args, *extra])
     result = {"date": today(), "machine": machine(), "epochs": args.epochs,
-              "teacher_epochs": args.teacher_epochs, "teachers": teachers, "arms": arms}
+              "teacher_epochs": args.teacher_epochs, "teachers": teachers, "joined_teachers": joined,
+              "arms": arms}
     save_result("merge_teachers", result)
     write_section(result)
+
+
+def joined_teachers(runs: list[str]) -> dict:
+    """Val metrics over all 10 classes of the two teachers with their logits joined
+    (distill.merge=concat, argmax): what a label-free student is taught."""
+    import torch
+
+    from kdistill.data.datasets import open_source
+    from kdistill.data.loader import eval_dataset, eval_loader
+    from kdistill.engine.evaluate import evaluate
+    from kdistill.methods.teachers import TeacherSet, load_teacher
+
+    dev = torch.device("cpu")
+    source = open_source(CIFAR, "val")
+    tset = TeacherSet([load_teacher(r, source.classes, dev) for r in runs], merge="concat",
+                      num_classes=len(source.classes))
+    loader = eval_loader(eval_dataset(source, tset.teachers[0].preprocessing), 256, 2, False)
+    return evaluate(tset, torch.nn.Identity(), loader, len(source.classes), dev).summary()
 
 
 def write_section(r: dict) -> None:
@@ -76,6 +96,9 @@ def write_section(r: dict) -> None:
     lines += ["", f"One resnet20 student over all 10 classes, {r['epochs']} epochs, recipe "
               "configs/cifar/kd_resnet56_resnet20.yaml with both teachers:", "",
               "| student | val top-1 (10 classes) | val MPA | vs labels only |", "|---|---|---|---|"]
+    j = r["joined_teachers"]
+    lines.append(f"| (the two teachers, logits joined; no student) | {j['top1']:.4f} | {j['mpa']:.4f} | "
+                 f"{j['top1'] - base:+.4f} |")
     for name, s in r["arms"].items():
         b = s["best"]
         lines.append(f"| {name} | {b['top1']:.4f} | {b['mpa']:.4f} | {b['top1'] - base:+.4f} |")
