@@ -80,7 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--pairs", default="resnet20,mobilenetv2", help="students, comma-separated")
-    ap.add_argument("--cross-train-images", type=int, default=20000,
+    ap.add_argument("--cross-train-images", type=int, default=10000,
                     help="training images for the cross-family pair (a seeded stratified subset)")
     ap.add_argument("--steps", type=int, default=25, help="steps per throughput measurement")
     ap.add_argument("--methods", default=",".join(METHODS))
