@@ -90,6 +90,25 @@ def test_cache_replays_bit_identical_views_and_probabilities(cache_dir, tiny_roo
     assert m["bytes_per_image"] > 0 and m["k"] == 2
 
 
+def test_probability_underflowed_to_zero_gives_finite_logits(cache_dir, tiny_root, tmp_path):
+    """fp16 top-k probabilities of confident teachers underflow to 0 (k = all classes on
+    CIFAR-10 did): the replayed logits must stay finite, or KL turns NaN."""
+    import shutil
+
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    path = view_files(copy, 0)["probs"]
+    probs = np.load(path)
+    probs[0, -1] = 0
+    np.save(path, probs)
+    sl = SoftLabels(copy, open_split(str(tiny_root / "train"), "train"))
+    logits = sl.extras(0, 0)["t_logits"]
+    assert torch.isfinite(logits).all()
+    assert torch.isfinite(torch.nn.functional.kl_div(torch.zeros(1, len(logits)).log_softmax(-1),
+                                                     logits[None].log_softmax(-1), log_target=True,
+                                                     reduction="batchmean"))
+
+
 def test_distill_from_cache_loads_no_teacher(cache_dir, tiny_root, tmp_path, monkeypatch):
     def no_teacher(*a, **k):
         raise AssertionError("a teacher was loaded")

@@ -106,7 +106,8 @@ class SoftLabels:
         probs = torch.full((self.num_classes,), FLOOR)
         ok = idx >= 0
         probs[torch.from_numpy(idx[ok])] = torch.from_numpy(np.asarray(a["probs"][index], np.float32)[ok])
-        return {"t_logits": probs.log()}
+        # a stored fp16 probability can underflow to 0; log(0) = -inf would make KL NaN
+        return {"t_logits": probs.clamp_min_(FLOOR).log()}
 
     def bytes_per_image(self) -> float:
         n = self.manifest["data"]["n"]
