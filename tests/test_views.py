@@ -179,3 +179,13 @@ def test_second_order_optimizer_and_fixed_view(tiny_root, trained_run, tmp_path)
     assert main(["distill", "--data", str(tiny_root), "--teacher", str(trained_run), "--model", "resnet8",
                  "--view", "fixed", "--loss", "kd", "--loss", "ce", "--opt", "po:soap", "--lr", "0.003",
                  "-o", "optim.clip_grad=1.0", "--epochs", "1", "--out", str(tmp_path / "s"), *TRAIN_ARGS]) == 0
+
+
+def test_funmatch_defaults_to_kl_only():
+    """`kdistill distill --view funmatch` without --loss trains on KL alone (no label loss)."""
+    def losses(*o):
+        return build_config(DistillConfig, overrides=list(o)).distill.losses
+
+    assert losses("distill.view=funmatch") == ["kd:1.0"]
+    assert losses() == ["kd:0.9", "ce:0.1"]
+    assert losses("distill.view=funmatch", "distill.losses=[js]") == ["js"]

@@ -31,7 +31,8 @@ class DistillSection:
     teacher_weights: list[float] | None = None  # ensemble / merge weights (default equal)
     ensemble: Literal["prob", "logit"] = "prob"  # average probabilities or logits
     merge: Literal["subset", "concat"] = "subset"  # teachers over class subsets (methods/teachers.py)
-    losses: list[str] = field(default_factory=lambda: ["kd:0.9", "ce:0.1"])  # name[:weight]
+    # name[:weight]; unset: kd:0.9 + ce:0.1, or KL alone (kd) for view funmatch (no labels)
+    losses: list[str] | None = None
     loss_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {kd: {temperature: 4}}
     warmup_epochs: dict[str, int] = field(default_factory=dict)  # linear warm-up of a term's weight
     feature_pairs: list[str] = field(default_factory=list)  # 'student_layer:teacher_layer'
@@ -47,6 +48,8 @@ class DistillSection:
         _check(self.generations >= 1, "distill.generations", "must be >= 1")
         _check(0 <= self.self_start < 1, "distill.self_start", "must be in [0, 1)")
         _check(0 < self.self_decay < 1, "distill.self_decay", "must be in (0, 1)")
+        if self.losses is None:
+            self.losses = ["kd:1.0"] if self.view == "funmatch" else ["kd:0.9", "ce:0.1"]
         _check(bool(self.losses), "distill.losses", "needs at least one loss (e.g. kd)")
 
 
