@@ -47,8 +47,8 @@ def throughput(steps: int) -> dict:
 
     sl = cache(1)
     none = ["-o", "distill.teachers=[]"]
-    arms = {"student only": [*none, "--loss", "ce", "-o", "distill.loss_params={}"], "online KD": ["--teacher", str(TEACHER)],
-            "KD from cache": [*none, "--soft-labels", str(sl)]}
+    arms = {"student only": [*none, "--loss", "ce", "-o", "distill.loss_params={}"],
+            "online KD": ["--teacher", str(TEACHER)], "KD from cache": [*none, "--soft-labels", str(sl)]}
 
     def factory(extra):
         def make():
