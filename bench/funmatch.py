@@ -47,7 +47,7 @@ def throughput(steps: int) -> dict:
 
     sl = cache(1)
     none = ["-o", "distill.teachers=[]"]
-    arms = {"student only": [*none, "--loss", "ce", "-o", "distill.loss_params={}"],
+    arms = {"student only": [*none, "--loss", "ce"],
             "online KD": ["--teacher", str(TEACHER)], "KD from cache": [*none, "--soft-labels", str(sl)]}
 
     def factory(extra):

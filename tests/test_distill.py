@@ -269,3 +269,20 @@ def test_missing_teacher_and_foreign_classes(tiny_root, tmp_path):
                  *TRAIN_ARGS]) == 0
     _one_line_error(run_cli("distill", "--data", str(tiny_root), "--teacher", str(t), "--model",
                             "resnet8", "--out", str(tmp_path / "o2")), "predicts class 'x'")
+
+
+def test_settings_of_an_unused_loss_are_ignored_and_unknown_names_refused():
+    """`-c kd_recipe.yaml --loss ce` keeps working (the recipe's kd settings go unused);
+    a name that is no loss at all is a typo."""
+    from kdistill.config import build_config
+    from kdistill.engine.distill import DistillConfig, parse_terms
+    from kdistill.errors import UserError
+
+    def terms(*o):
+        return [t.name for t in parse_terms(build_config(DistillConfig, overrides=list(o)).distill)]
+
+    assert terms("distill.losses=[ce]", "distill.loss_params={kd: {temperature: 4}}",
+                 "distill.warmup_epochs={dkd: 5}") == ["ce"]
+    for key in ("loss_params={kdd: {temperature: 4}}", "warmup_epochs={kdd: 5}"):
+        with pytest.raises(UserError, match="unknown loss 'kdd'"):
+            terms("distill.losses=[kd]", f"distill.{key}")

@@ -103,10 +103,11 @@ class SoftLabels:
     def extras(self, view: int, index: int) -> dict:
         a = self._open()[view]
         idx = np.asarray(a["index"][index], dtype=np.int64)
-        probs = torch.full((self.num_classes,), FLOOR)
+        probs = torch.zeros(self.num_classes)
         ok = idx >= 0
         probs[torch.from_numpy(idx[ok])] = torch.from_numpy(np.asarray(a["probs"][index], np.float32)[ok])
-        # a stored fp16 probability can underflow to 0; log(0) = -inf would make KL NaN
+        # FLOOR for classes outside the top k and for stored fp16 values that underflowed to 0
+        # (log(0) = -inf would make KL NaN)
         return {"t_logits": probs.clamp_min_(FLOOR).log()}
 
     def bytes_per_image(self) -> float:

@@ -29,6 +29,7 @@ from ..utils import atomic_write_text, count_params, write_json
 from .runtime import Normalized, OnnxPredictor, Predictor
 
 LATENCY_BATCHES = (1, 32)
+LATENCY_THREADS = 1  # see measure_latency
 CONFIG_KEYS = {"model": ("name", "pretrained"), "train": ("epochs", "batch_size", "ema_decay", "amp"),
                "optim": ("name", "lr", "weight_decay"), "data": ("root", "image_size", "mixup", "cutmix")}
 
@@ -59,8 +60,6 @@ def _read_config(path: Path) -> dict | None:
     except (OSError, yaml.YAMLError):
         return None
 
-
-LATENCY_THREADS = 1
 
 
 def measure_latency(model: nn.Module, exported: Predictor, image_size: int,

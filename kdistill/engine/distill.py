@@ -64,11 +64,12 @@ def parse_terms(sd: DistillSection) -> list[TermSpec]:
     dup = next((n for n in names if names.count(n) > 1), None)
     if dup:
         raise UserError(f"loss '{dup}' is given twice; give each loss once with its weight")
+    # settings for a known loss that is not in use are ignored, so `-c RECIPE --loss ce` works;
+    # a name that is no loss at all is a typo
     for key, table in (("loss_params", sd.loss_params), ("warmup_epochs", sd.warmup_epochs)):
-        stray = [n for n in table if n not in names]
-        if stray:
-            raise UserError(f"distill.{key} names loss '{stray[0]}', which is not among the losses "
-                            f"({', '.join(names)})")
+        unknown = [n for n in table if n not in LOSSES]
+        if unknown:
+            raise UserError(f"distill.{key} names unknown loss '{unknown[0]}'; see `kdistill list losses`")
     return terms
 
 
