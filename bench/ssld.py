@@ -115,11 +115,12 @@ def main() -> None:
     ensure_run("train", teacher, args.teacher_epochs, ["-c", "configs/cifar/resnet56_teacher.yaml", *common])
     labeled = 10 * PER_CLASS
     ep_lab = max(args.budget // labeled, 1)
+    every = ["-o", f"train.eval_every={max(ep_lab // 10, 1)}"]  # ~10 val passes per labeled-only arm
     arms = {}
     arms["baseline (labeled only)"] = ensure_run(
-        "train", WORK / "baseline", ep_lab, ["-c", "configs/cifar/resnet20_baseline.yaml", *common])
+        "train", WORK / "baseline", ep_lab, ["-c", "configs/cifar/resnet20_baseline.yaml", *common, *every])
     arms["KD (labeled only)"] = ensure_run(
-        "distill", WORK / "kd", ep_lab, ["-c", "configs/cifar/kd_resnet56_resnet20.yaml", *common,
+        "distill", WORK / "kd", ep_lab, ["-c", "configs/cifar/kd_resnet56_resnet20.yaml", *common, *every,
                                         "--teacher", str(teacher)])
     ssld_out = WORK / "ssld"
     ep_ssld = max(args.budget // (labeled + 10 * args.top_k), 1)
@@ -132,7 +133,7 @@ def main() -> None:
     arms["SSLD (labeled + mined, JS)"] = stages["distill (labeled + mined)"]
     arms["SSLD + fine-tune"] = stages["fine-tune (labeled)"]
     pool_n = sum(1 for _ in open(d["pool"]))
-    ep_ugi = max(args.budget // (labeled + pool_n), 1)
+    ep_ugi = max(round(args.budget / (labeled + pool_n)), 1)
     arms["SKL-UGI (labeled + whole pool, SKL)"] = ensure_run(
         "distill", WORK / "skl_ugi", ep_ugi, ["-c", "configs/cifar/kd_resnet56_resnet20.yaml", *common,
                                              "--teacher", str(teacher), "--unlabeled", d["pool"],

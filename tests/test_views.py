@@ -137,6 +137,27 @@ def test_stale_or_incomplete_cache_is_refused(cache_dir, tiny_root, tmp_path):
         SoftLabels(tmp_path / "none", src)
 
 
+def test_cache_with_missing_or_truncated_shards_is_refused(cache_dir, tiny_root, tmp_path):
+    """A manifest that says done but shard files that are gone or cut short: one clear error."""
+    import shutil
+
+    src = open_split(str(tiny_root / "train"), "train")
+    copy = tmp_path / "cache"
+    shutil.copytree(cache_dir, copy)
+    files = view_files(copy, 0)
+    files["params"].unlink()
+    with pytest.raises(UserError, match="damaged.*params"):
+        SoftLabels(copy, src)
+    shutil.copy(view_files(cache_dir, 0)["params"], files["params"])
+    files["probs"].write_bytes(files["probs"].read_bytes()[:200])
+    with pytest.raises(UserError, match="damaged.*probs"):
+        SoftLabels(copy, src)
+    probs = np.load(view_files(cache_dir, 0)["probs"])
+    np.save(files["probs"], probs[:-1])
+    with pytest.raises(UserError, match="rows"):
+        SoftLabels(copy, src)
+
+
 def test_cache_resumes_without_redoing_views(tiny_root, trained_run, tmp_path, monkeypatch):
     out = tmp_path / "r"
     calls = []

@@ -87,6 +87,20 @@ class SoftLabels:
                             f"({m['teacher']['spec']}); make a new cache or drop --teacher")
         self.views, self.k, self.num_classes = m["views"], m["k"], len(m["data"]["classes"])
         self._arrays: dict | None = None
+        self._check_files(m["data"]["n"])
+
+    def _check_files(self, n: int) -> None:
+        """Every view's shard files exist, map, and hold one row per training image."""
+        for v in range(self.views):
+            for kind, path in view_files(self.root, v).items():
+                try:
+                    rows = np.load(path, mmap_mode="r").shape[0]
+                except (OSError, ValueError) as e:
+                    raise UserError(f"soft-label cache '{self.root}' is damaged: cannot map {path.name} "
+                                    f"({type(e).__name__}); make the cache again") from None
+                if rows != n:
+                    raise UserError(f"soft-label cache '{self.root}' is damaged: {path.name} has {rows} rows "
+                                    f"for {n} images; make the cache again")
 
     def _open(self) -> dict:
         if self._arrays is None:  # opened lazily: each DataLoader worker maps the files itself
