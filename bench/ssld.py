@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CIFAR, ensure_run, kdistill, machine, save_result, today, update_section  # noqa: E402
+from common import CACHE, CIFAR, RESULTS, ensure_run, kdistill, machine, save_result, today, update_section  # noqa: E402
 
 WORK = CACHE / "ssld"
 PER_CLASS = 500
@@ -99,7 +99,43 @@ def dedup_result(report: Path, plants: dict) -> dict:
         found[info["kind"]] += p in removed
     false_pos = [p for p in removed if p not in plants]
     return {"found": found, "planted_per_kind": PLANTS, "missed": sum(PLANTS - v for v in found.values()),
-            "flagged_unplanted": len(false_pos), "flagged_unplanted_examples": false_pos[:5]}
+            "flagged_unplanted": len(false_pos), "flagged_unplanted_examples": false_pos[:5],
+            "sweep": dedup_sweep(report, plants)}
+
+
+def dedup_sweep(report: Path, plants: dict) -> list[dict]:
+    """Planted copies found and unplanted pool images flagged at stricter thresholds than the
+    run's (a subset of its report: each row holds both the pHash distance and the cosine)."""
+    import csv
+
+    with open(report) as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for bits in (2, 4, 6, 8):
+        for cos in (0.99, 0.995, None):
+            hit = [r for r in rows if int(r["phash_distance"]) <= bits or (cos and float(r["cosine"]) >= cos)]
+            planted = sum(r["pool_image"] in plants for r in hit)
+            out.append({"phash_bits": bits, "cosine": cos, "planted_found": planted,
+                        "unplanted_flagged": len(hit) - planted})
+    return out
+
+
+def flag_montage(report: Path, plants: dict, png: Path, n: int = 32) -> None:
+    """Random unplanted flagged pairs (pool image | val match) side by side, for a visual check."""
+    import csv
+
+    from PIL import Image
+
+    with open(report) as fh:
+        rows = [r for r in csv.DictReader(fh) if r["pool_image"] not in plants]
+    random.Random(0).shuffle(rows)
+    rows, cols, cell = rows[:n], 8, 70
+    sheet = Image.new("RGB", (cols * cell, -(-len(rows) // cols) * 36), "white")
+    for i, r in enumerate(rows):
+        x, y = (i % cols) * cell, (i // cols) * 36
+        for j, path in enumerate((r["pool_image"], r["eval_image"])):
+            sheet.paste(Image.open(path).convert("RGB").resize((32, 32)), (x + 33 * j, y))
+    sheet.resize((sheet.width * 2, sheet.height * 2), Image.NEAREST).save(png)
 
 
 def main() -> None:
@@ -144,6 +180,8 @@ def main() -> None:
     precision = selection_precision(mined, classes)
     report = next(iter(sorted(mined.parent.glob("mined.txt*dedup*.csv"))), None)
     dedup = dedup_result(report, d["plants"]) if report else {}
+    if report:
+        flag_montage(report, d["plants"], RESULTS / "ssld_dedup_flags.png")
     t = json.loads((teacher / "summary.json").read_text())
     result = {"date": today(), "machine": machine(), "budget": args.budget, "top_k": args.top_k,
               "teacher": t["best"], "arms": arms, "precision": precision, "dedup": dedup,
@@ -173,7 +211,14 @@ def write_section(r: dict) -> None:
         lines += ["", f"Dedup of planted val copies ({dd['planted_per_kind']} per kind): found " +
                   ", ".join(f"{k} {v}" for k, v in dd["found"].items()) +
                   f"; missed {dd['missed']}; pool images flagged that were not planted: "
-                  f"{dd['flagged_unplanted']} (CIFAR-10 train has near-copies of some val images)."]
+                  f"{dd['flagged_unplanted']} (CIFAR-10 train has near-copies of some val images; random "
+                  "flagged pairs: ![flags](bench/results/ssld_dedup_flags.png)).", "",
+                  "Stricter thresholds, from the same report (pHash distance <= bits, or teacher-embedding "
+                  "cosine >= c):", "", "| pHash bits | cosine | planted found (of 200) | unplanted flagged |",
+                  "|---|---|---|---|"]
+        lines += [f"| {x['phash_bits']} | {x['cosine'] or 'off'} | {x['planted_found']} | {x['unplanted_flagged']} |"
+                  for x in dd["sweep"]]
+        lines += [""]
     update_section("ssld", "## SSLD with 10% labels (CIFAR-10)\n\n" + "\n".join(lines))
     print("\n".join(lines))
 
