@@ -168,6 +168,12 @@ def main() -> None:
     stages = json.loads((ssld_out / "summary.json").read_text())["stages"]
     arms["SSLD (labeled + mined, JS)"] = stages["distill (labeled + mined)"]
     arms["SSLD + fine-tune"] = stages["fine-tune (labeled)"]
+    mined = ssld_out / "mine" / "mined.txt"
+    # the same mined images with the loss of the labeled-only KD arm (label-free KL at T=4 on every
+    # image, ce 0.1 on the labeled ones): separates the value of the data from that of the loss
+    arms["SSLD data, KD loss (labeled + mined)"] = ensure_run(
+        "distill", WORK / "ssld_kd", ep_ssld, ["-c", "configs/cifar/kd_resnet56_resnet20.yaml", *common,
+                                              "--teacher", str(teacher), "--unlabeled", str(mined)])
     pool_n = sum(1 for _ in open(d["pool"]))
     ep_ugi = max(round(args.budget / (labeled + pool_n)), 1)
     arms["SKL-UGI (labeled + whole pool, SKL)"] = ensure_run(
@@ -175,7 +181,6 @@ def main() -> None:
                                              "--teacher", str(teacher), "--unlabeled", d["pool"],
                                              "-o", "distill.losses=[skl:1.0, ce:0.1]", "-o",
                                              "distill.loss_params={}"])
-    mined = ssld_out / "mine" / "mined.txt"
     classes = [ln.split(maxsplit=1)[1] for ln in Path(d["class_map"]).read_text().splitlines()]
     precision = selection_precision(mined, classes)
     report = next(iter(sorted(mined.parent.glob("mined.txt*dedup*.csv"))), None)
