@@ -137,9 +137,10 @@ def write_section(r: dict) -> None:
                       f"cache / student only = {t['cached / student only']:.2f}."]
     if "accuracy" in r:
         lines += ["", f"b. Accuracy at equal epochs ({r['accuracy_date']}):", "",
-                  "| view mode | epochs | val top-1 | val MPA |", "|---|---|---|---|"]
+                  "| view mode | epochs | val top-1 | val MPA | train img/s |", "|---|---|---|---|---|"]
         for name, s in r["accuracy"].items():
-            lines.append(f"| {name} | {s['epochs']} | {s['best']['top1']:.4f} | {s['best']['mpa']:.4f} |")
+            lines.append(f"| {name} | {s['epochs']} | {s['best']['top1']:.4f} | {s['best']['mpa']:.4f} "
+                         f"| {s['train_images_per_s']:.0f} |")
     if "topk" in r:
         lines += ["", f"Top-k truncation ({r['topk_date']}, 1 cached view, students trained from the cache):", "",
                   "| k | bytes per image (per view) | val top-1 | val MPA |", "|---|---|---|---|"]
