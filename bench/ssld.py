@@ -13,6 +13,7 @@ compute. Runs are cached in bench/cache/ssld and resumed after a kill.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 import sys
@@ -88,12 +89,8 @@ def selection_precision(mined: Path, classes: list[str]) -> dict:
 
 
 def dedup_result(report: Path, plants: dict) -> dict:
-    import csv
-
-    removed = set()
     with open(report) as fh:
-        for row in csv.DictReader(fh):
-            removed.add(row.get("pool_path") or row.get("path") or next(iter(row.values())))
+        removed = {row["pool_image"] for row in csv.DictReader(fh)}
     found = {k: 0 for k in ("exact", "resized40", "jpeg70", "crop90")}
     for p, info in plants.items():
         found[info["kind"]] += p in removed
@@ -106,8 +103,6 @@ def dedup_result(report: Path, plants: dict) -> dict:
 def dedup_sweep(report: Path, plants: dict) -> list[dict]:
     """Planted copies found and unplanted pool images flagged at stricter thresholds than the
     run's (a subset of its report: each row holds both the pHash distance and the cosine)."""
-    import csv
-
     with open(report) as fh:
         rows = list(csv.DictReader(fh))
     out = []
@@ -122,8 +117,6 @@ def dedup_sweep(report: Path, plants: dict) -> list[dict]:
 
 def flag_montage(report: Path, plants: dict, png: Path, n: int = 32) -> None:
     """Random unplanted flagged pairs (pool image | val match) side by side, for a visual check."""
-    import csv
-
     from PIL import Image
 
     with open(report) as fh:
