@@ -245,12 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a classifier (teacher or baseline student)")
     add_train_args(t)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=cmd_train, on_interrupt=RESUME)
 
     ds = sub.add_parser("distill", help="distil a student from one or several teachers (or itself)")
     add_train_args(ds)
     add_distill_args(ds)
-    ds.set_defaults(func=cmd_distill)
+    ds.set_defaults(func=cmd_distill, on_interrupt=RESUME)
 
     from .mining.cli import add_mine_parser
 
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--no-progress", action="store_true")
     add_config_args(c)
-    c.set_defaults(func=cmd_cache)
+    c.set_defaults(func=cmd_cache, on_interrupt=RERUN)
 
     sl = sub.add_parser("ssld", help="SSLD: mine unlabeled images, distil on labeled + mined, fine-tune")
     add_train_args(sl)
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--loss", action="append", metavar="NAME[:WEIGHT]", help="distill-stage terms (default js)")
     sl.add_argument("--unlabeled-fraction", type=float, metavar="F", help="share of mined images per batch")
     sl.add_argument("--finetune-epochs", type=int, help="epochs of the labeled-only fine-tune (0: none)")
-    sl.set_defaults(func=cmd_ssld)
+    sl.set_defaults(func=cmd_ssld, on_interrupt=RERUN)
 
     e = sub.add_parser("eval", help="top-1/top-5/MPA, per-class accuracy and confusion matrix")
     e.add_argument("run", metavar="RUN_OR_CKPT")
@@ -315,8 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+RESUME = "the last completed epoch is saved (continue with --resume)"
+RERUN = "finished work is kept (run the same command again to continue)"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
+    args = None
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -327,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except KeyboardInterrupt:
-        print("kdistill: interrupted; the last completed epoch is saved (continue with --resume)",
-              file=sys.stderr)
+        hint = getattr(args, "on_interrupt", "")
+        print(f"kdistill: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
 
 

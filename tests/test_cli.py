@@ -85,3 +85,27 @@ def test_demo_quick_has_teacher_student_and_kd_arms(tmp_path):
     assert [r["arm"] for r in rows] == ["teacher", "student", "kd-student"]
     assert all(r["params"] > 0 and r["mflops"] > 0 and r["latency_ms"] > 0 for r in rows)
     assert "top-1 vs student" in proc.stdout
+
+
+@pytest.mark.parametrize("command, module, func, hint", [
+    ("train", "kdistill.cli", "cmd_train", "--resume"),
+    ("cache", "kdistill.cli", "cmd_cache", "run the same command again"),
+    ("mine", "kdistill.mining.cli", "cmd_mine", "finished shards are kept"),
+    ("eval", "kdistill.cli", "cmd_eval", None),
+])
+def test_ctrl_c_says_how_to_continue(command, module, func, hint, monkeypatch, capsys):
+    """Ctrl-C: exit 130 and one line that tells how this command continues, not a traceback."""
+    import importlib
+
+    from kdistill.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), func, interrupted)
+    extra = {"train": ["--data", "x"], "cache": ["--teacher", "t", "--data", "x", "--out", "o"],
+             "mine": ["--teacher", "t", "--pool", "p", "--top-k", "1", "--out", "o"], "eval": ["run", "--data", "x"]}
+    assert main([command, *extra[command]]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdistill: interrupted") and len(err.splitlines()) == 1
+    assert (hint in err) if hint else err == "kdistill: interrupted"

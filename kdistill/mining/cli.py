@@ -256,7 +256,7 @@ def add_mine_parser(subparsers) -> argparse.ArgumentParser:
                    help="ignore images whose class probability is below P")
     p.add_argument("--keep-work", action="store_true", help="keep LIST.work/ (shard results) after success")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_mine)
+    p.set_defaults(func=cmd_mine, on_interrupt="finished shards are kept (run the same command again to continue)")
     return p
 
 
