@@ -235,6 +235,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
+# what Ctrl-C tells the user, per subcommand (set_defaults(on_interrupt=...))
+RESUME = "the last completed epoch is saved (continue with --resume)"
+RERUN = "finished work is kept (run the same command again to continue)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdistill", description="Knowledge distillation for image classifiers: "
                 "train a teacher, distil a small student, ship it.")
@@ -313,10 +318,6 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
     d.set_defaults(func=cmd_demo)
     return p
-
-
-RESUME = "the last completed epoch is saved (continue with --resume)"
-RERUN = "finished work is kept (run the same command again to continue)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,6 @@ def _read_config(path: Path) -> dict | None:
         return None
 
 
-
 def measure_latency(model: nn.Module, exported: Predictor, image_size: int,
                     seconds: float = 0.5) -> dict[str, dict[str, float]]:
     """ms per image at each of :data:`LATENCY_BATCHES` for torch eager and the export, both
