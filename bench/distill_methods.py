@@ -3,7 +3,7 @@
     .venv/bin/python bench/distill_methods.py [--epochs 4] [--pairs resnet20,mobilenetv2]
 
 Pairs: resnet56 -> resnet20 (same family) and resnet56 -> a cross-family student. All arms
-of a pair use the same epochs, seed, recipe family (configs/cifar/<method>_resnet56_resnet20.yaml,
+of a pair use the same epochs, seed, recipe family (cifar/<method>_resnet56_resnet20,
 student overridden) and data. Then the training throughput of every method, measured in
 this process, interleaved with a plain PyTorch KD loop on the same pair and data.
 Runs are cached in bench/cache/distill and resumed after a kill.
@@ -26,9 +26,9 @@ def arm_args(method: str, student: str, train_images: int | None) -> tuple[str, 
     if train_images:
         common += ["-o", f"data.max_train_images={train_images}"]
     if method == "baseline":
-        return "train", ["-c", "configs/cifar/resnet20_baseline.yaml", *common]
+        return "train", ["-c", "cifar/resnet20_baseline", *common]
     extra = ["-o", "distill.feature_pairs=[]"] if student != "resnet20" else []
-    return "distill", ["-c", f"configs/cifar/{method}_resnet56_resnet20.yaml", "--teacher", str(TEACHER),
+    return "distill", ["-c", f"cifar/{method}_resnet56_resnet20", "--teacher", str(TEACHER),
                        *common, *extra]
 
 
@@ -117,9 +117,9 @@ def main() -> None:
 def write_section(result: dict) -> None:
     speed = result.get("throughput", {})
     lines = [f"Measured {result['date']} on {result['machine']} by `python bench/distill_methods.py`.",
-             f"Teacher: resnet56 (bench/cache/cifar/resnet56, configs/cifar/resnet56_teacher.yaml). Every "
+             f"Teacher: resnet56 (bench/cache/cifar/resnet56, cifar/resnet56_teacher). Every "
              f"arm: {result['epochs']} epochs, seed 0, SGD + cosine, bf16 AMP, recipe "
-             "configs/cifar/<method>_resnet56_resnet20.yaml (student overridden for the second pair).", ""]
+             "cifar/<method>_resnet56_resnet20 (student overridden for the second pair).", ""]
     for student, pair in result["pairs"].items():
         base = pair["arms"]["baseline"]["best"]
         lines += [f"### resnet56 -> {student} ({pair['train_images']} training images)", "",

@@ -20,7 +20,7 @@ from common import CACHE, CIFAR, ensure_run, kdistill, load_result, machine, mem
 
 WORK = CACHE / "funmatch"
 TEACHER = CACHE / "cifar" / "resnet56"
-KD = "configs/cifar/kd_resnet56_resnet20.yaml"
+KD = "cifar/kd_resnet56_resnet20"
 
 
 def cache(views: int, k: int = 10, mix: bool = False) -> Path:
@@ -97,7 +97,7 @@ def patience(epochs: int, train_images: int | None) -> dict:
     stratified-subset) training images: long schedules at an affordable cost."""
     runs = {}
     subset = ["-o", f"data.max_train_images={train_images}"] if train_images else []
-    for name, extra in (("funmatch", ["-c", "configs/cifar/funmatch_resnet56_resnet20.yaml"]),
+    for name, extra in (("funmatch", ["-c", "cifar/funmatch_resnet56_resnet20"]),
                         ("consistent KD", ["-c", KD])):
         runs[name] = ensure_run("distill", WORK / f"patience-{name.split()[0]}", epochs,
                                 [*extra, "--data", CIFAR, "--teacher", str(TEACHER), *subset])
@@ -127,7 +127,7 @@ def patience(epochs: int, train_images: int | None) -> dict:
 
 def write_section(r: dict) -> None:
     lines = [f"Measured on {r.get('machine', machine())} by `python bench/funmatch.py PART`; teacher "
-             "resnet56 (bench/cache/cifar/resnet56), student resnet20, recipe configs/cifar/kd_resnet56_resnet20.yaml."]
+             "resnet56 (bench/cache/cifar/resnet56), student resnet20, recipe cifar/kd_resnet56_resnet20."]
     if "throughput" in r:
         t = r["throughput"]
         lines += ["", f"a. Throughput ({r['throughput_date']}, one process, best of 2 interleaved rounds):", "",
@@ -149,7 +149,7 @@ def write_section(r: dict) -> None:
     if "patience" in r:
         p = r["patience"]
         lines += ["", f"c. Patience ({r['patience_date']}; {p['train_images']} training images, "
-                  f"configs/cifar/funmatch_resnet56_resnet20.yaml vs {KD}, same epochs): val top-1 by "
+                  f"cifar/funmatch_resnet56_resnet20 vs {KD}, same epochs): val top-1 by "
                   f"epoch, ![patience]({p['png']})", ""]
         for name, ys in p["curves"].items():
             lines.append(f"- {name}: " + ", ".join(f"{y:.3f}" for y in ys))

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, CIFAR, ensure_run, machine, save_result, today, update_section  # noqa: E402
 
 WORK = CACHE / "merge"
-KD = "configs/cifar/kd_resnet56_resnet20.yaml"
+KD = "cifar/kd_resnet56_resnet20"
 
 
 def subset_root(name: str, classes: list[str]) -> Path:
@@ -47,12 +47,12 @@ def main() -> None:
         run = WORK / f"teacher-{name}"
         teachers[name] = {"classes": cls, "run": str(run), "summary": ensure_run(
             "train", run, args.teacher_epochs,
-            ["-c", "configs/cifar/resnet20_baseline.yaml", "--data", str(subset_root(name, cls))])}
+            ["-c", "cifar/resnet20_baseline", "--data", str(subset_root(name, cls))])}
     t_args = [a for t in teachers.values() for a in ("--teacher", t["run"])]
     joined = joined_teachers([t["run"] for t in teachers.values()])
     arms = {"labels only (baseline)": ensure_run(
         "train", CACHE / "distill" / "resnet56-resnet20" / "baseline", args.epochs,
-        ["-c", "configs/cifar/resnet20_baseline.yaml", "--data", CIFAR, "-o", "model.name=resnet20"])}
+        ["-c", "cifar/resnet20_baseline", "--data", CIFAR, "-o", "model.name=resnet20"])}
     kd_only = ["-o", "distill.losses=[kd:1.0]"]
     for name, slug, extra in (
             ("subset KL + labels (kd:0.9, ce:0.1)", "subset-labels", []),
@@ -88,13 +88,13 @@ def joined_teachers(runs: list[str]) -> dict:
 def write_section(r: dict) -> None:
     lines = [f"Measured {r['date']} on {r['machine']} by `python bench/merge_teachers.py`.",
              "Two resnet20 teachers, each trained on 5 of the 10 CIFAR-10 classes "
-             f"({r['teacher_epochs']} epochs, configs/cifar/resnet20_baseline.yaml):", ""]
+             f"({r['teacher_epochs']} epochs, cifar/resnet20_baseline):", ""]
     for name, t in r["teachers"].items():
         b = t["summary"]["best"]
         lines.append(f"- {name} ({', '.join(t['classes'])}): val top-1 {b['top1']:.4f} on its own 5 classes")
     base = next(iter(r["arms"].values()))["best"]["top1"]
     lines += ["", f"One resnet20 student over all 10 classes, {r['epochs']} epochs, recipe "
-              "configs/cifar/kd_resnet56_resnet20.yaml with both teachers:", "",
+              "cifar/kd_resnet56_resnet20 with both teachers:", "",
               "| student | val top-1 (10 classes) | val MPA | vs labels only |", "|---|---|---|---|"]
     j = r["joined_teachers"]
     lines.append(f"| (the two teachers, logits joined; no student) | {j['top1']:.4f} | {j['mpa']:.4f} | "

@@ -141,20 +141,20 @@ def main() -> None:
     d = prepare_data()
     common = ["--data", d["labeled"], "-o", f"data.val={CIFAR}/val", "-o", f"data.class_map={d['class_map']}"]
     teacher = WORK / "resnet56"
-    ensure_run("train", teacher, args.teacher_epochs, ["-c", "configs/cifar/resnet56_teacher.yaml", *common])
+    ensure_run("train", teacher, args.teacher_epochs, ["-c", "cifar/resnet56_teacher", *common])
     labeled = 10 * PER_CLASS
     ep_lab = max(args.budget // labeled, 1)
     every = ["-o", f"train.eval_every={max(ep_lab // 10, 1)}"]  # ~10 val passes per labeled-only arm
     arms = {}
     arms["baseline (labeled only)"] = ensure_run(
-        "train", WORK / "baseline", ep_lab, ["-c", "configs/cifar/resnet20_baseline.yaml", *common, *every])
+        "train", WORK / "baseline", ep_lab, ["-c", "cifar/resnet20_baseline", *common, *every])
     arms["KD (labeled only)"] = ensure_run(
-        "distill", WORK / "kd", ep_lab, ["-c", "configs/cifar/kd_resnet56_resnet20.yaml", *common, *every,
+        "distill", WORK / "kd", ep_lab, ["-c", "cifar/kd_resnet56_resnet20", *common, *every,
                                         "--teacher", str(teacher)])
     ssld_out = WORK / "ssld"
     ep_ssld = max(args.budget // (labeled + 10 * args.top_k), 1)
     if not (ssld_out / "ssld.md").is_file():
-        kdistill("ssld", "-c", "configs/cifar/resnet20_baseline.yaml", *common, "--teacher", str(teacher),
+        kdistill("ssld", "-c", "cifar/resnet20_baseline", *common, "--teacher", str(teacher),
                  "--pool", d["pool"], "--top-k", str(args.top_k), "--dedup-against", f"{CIFAR}/val",
                  "--model", "resnet20", "--epochs", str(ep_ssld), "--finetune-epochs", str(args.finetune_epochs),
                  "--out", str(ssld_out), "--no-progress", log=WORK / "ssld.log")
@@ -165,12 +165,12 @@ def main() -> None:
     # the same mined images with the loss of the labeled-only KD arm (label-free KL at T=4 on every
     # image, ce 0.1 on the labeled ones): separates the value of the data from that of the loss
     arms["SSLD data, KD loss (labeled + mined)"] = ensure_run(
-        "distill", WORK / "ssld_kd", ep_ssld, ["-c", "configs/cifar/kd_resnet56_resnet20.yaml", *common,
+        "distill", WORK / "ssld_kd", ep_ssld, ["-c", "cifar/kd_resnet56_resnet20", *common,
                                               "--teacher", str(teacher), "--unlabeled", str(mined)])
     pool_n = sum(1 for _ in open(d["pool"]))
     ep_ugi = max(round(args.budget / (labeled + pool_n)), 1)
     arms["SKL-UGI (labeled + whole pool, SKL)"] = ensure_run(
-        "distill", WORK / "skl_ugi", ep_ugi, ["-c", "configs/cifar/kd_resnet56_resnet20.yaml", *common,
+        "distill", WORK / "skl_ugi", ep_ugi, ["-c", "cifar/kd_resnet56_resnet20", *common,
                                              "--teacher", str(teacher), "--unlabeled", d["pool"],
                                              "-o", "distill.losses=[skl:1.0, ce:0.1]", "-o",
                                              "distill.loss_params={}"])

@@ -26,7 +26,7 @@ def measure_throughput(model: str, steps: int) -> dict:
     from kdistill.methods.supervised import Supervised
     from kdistill.models import create_model
 
-    cfg = build_config(Config, [str(ROOT / "configs/cifar/resnet20_baseline.yaml")], overrides=[
+    cfg = build_config(Config, ["cifar/resnet20_baseline"], overrides=[
         f"data.root={CIFAR}", f"model.name={model}", f"train.max_steps_per_epoch={steps}",
         "train.progress=false", f"train.out={CACHE / 'throughput'}", "train.resume=true"])
     ctx = prepare(cfg)
@@ -68,7 +68,7 @@ def main() -> None:
     for name, conf, epochs in (("resnet56", "resnet56_teacher", args.teacher_epochs),
                                ("resnet20", "resnet20_baseline", args.student_epochs)):
         runs[name] = ensure_run("train", CACHE / "cifar" / name, epochs,
-                                ["-c", f"configs/cifar/{conf}.yaml", "--data", CIFAR])
+                                ["-c", f"cifar/{conf}", "--data", CIFAR])
     tta = {name: evaluate_both(CACHE / "cifar" / name) for name in runs}
     speed = [measure_throughput(m, args.steps) for m in ("resnet20", "resnet56")]
     result = {"date": today(), "machine": machine(), "runs": runs, "tta": tta, "throughput": speed}
@@ -79,7 +79,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for name, conf in (("resnet56", "resnet56_teacher"), ("resnet20", "resnet20_baseline")):
         s, e = runs[name], tta[name]
-        lines.append(f"| {name} | configs/cifar/{conf}.yaml | {s['epochs']} | {e['plain']['top1']:.4f} | "
+        lines.append(f"| {name} | cifar/{conf} | {s['epochs']} | {e['plain']['top1']:.4f} | "
                      f"{e['plain']['mpa']:.4f} | {e['tta']['top1']:.4f} | {e['tta']['mpa']:.4f} | "
                      f"{s['train_images_per_s']:.0f} |")
     lines += ["", "Accuracy from `kdistill eval RUN --data CIFAR --split val [--tta]` on the best checkpoint "

@@ -33,7 +33,7 @@ TRAIN_SWITCHES = {"resume": "train.resume", "amp": "train.amp", "pretrained": "m
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
-                   help="YAML config (repeatable; later files win)")
+                   help="YAML file or recipe name, e.g. cifar/kd_resnet56_resnet20 (repeatable; later files win)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key, e.g. -o train.epochs=3 (repeatable)")
 
@@ -205,24 +205,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             flags = "label-free" if spec.label_free else "needs labels"
             print(f"{name:8s} {spec.family:9s} {flags:12s} {spec.summary}" + (f" [{params}]" if params else ""))
     elif args.what == "recipes":
+        from .config import list_recipes
+
         for path, cmd in list_recipes(args.pattern):
             print(f"{path}\n    {cmd}")
     return 0
-
-
-def list_recipes(pattern: str | None = None) -> list[tuple[str, str]]:
-    """``configs/**/*.yaml`` with the command each one opens with."""
-    import fnmatch
-
-    root = Path(__file__).resolve().parent.parent / "configs"
-    out = []
-    for path in sorted(root.rglob("*.yaml")):
-        rel = str(path.relative_to(root.parent))
-        if pattern and not fnmatch.fnmatch(rel, f"*{pattern}*"):
-            continue
-        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "#")
-        out.append((rel, first.lstrip("# ").strip()))
-    return out
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

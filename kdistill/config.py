@@ -263,10 +263,40 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
 # ---------------------------------------------------------------- loading
 
 
+#: ready recipes, shipped as package data: ``-c cifar/kd_resnet56_resnet20`` names one
+RECIPES = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(name: str | Path) -> Path:
+    """A ``-c`` argument -> a YAML file: an existing path, else a recipe name
+    (``cifar/kd_resnet56_resnet20``, with or without ``.yaml``) under :data:`RECIPES`."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    stem = str(name).removesuffix(".yaml").removeprefix("configs/")
+    recipe = RECIPES / f"{stem}.yaml"
+    if recipe.is_file():
+        return recipe
+    raise UserError(f"config file '{name}' does not exist and is not a recipe name "
+                    "(see `kdistill list recipes`)")
+
+
+def list_recipes(pattern: str | None = None) -> list[tuple[str, str]]:
+    """(recipe name, the command its first comment line gives) for every shipped recipe."""
+    import fnmatch
+
+    out = []
+    for path in sorted(RECIPES.rglob("*.yaml")):
+        name = path.relative_to(RECIPES).with_suffix("").as_posix()
+        if pattern and not fnmatch.fnmatch(name, f"*{pattern}*"):
+            continue
+        first = next((ln for ln in path.read_text().splitlines() if ln.startswith("#")), "#")
+        out.append((name, first.lstrip("# ").strip()))
+    return out
+
+
 def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file '{path}' does not exist")
+    p = resolve_config(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:

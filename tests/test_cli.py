@@ -67,7 +67,7 @@ def test_list_models_and_recipes():
     proc = run_cli("list", "models", "wrn_*")
     assert "wrn_40_2" in proc.stdout and "resnet20" not in proc.stdout
     proc = run_cli("list", "recipes")
-    assert proc.returncode == 0 and "configs/" in proc.stdout
+    assert proc.returncode == 0 and "cifar/kd_resnet56_resnet20" in proc.stdout
 
 
 def test_python_dash_m_and_version():
