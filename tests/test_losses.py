@@ -444,3 +444,122 @@ def test_crd_eval_does_not_touch_queue_and_state_dict_resumes():
     fresh.load_state_dict(state)
     assert torch.equal(fresh(make_inputs(seed=2)), first)
     assert first.item() > 0
+
+
+# ---------------------------------------------------------------- DKD numerics
+
+
+def ref_dkd_logspace(s, t, y, alpha=1.0, beta=8.0, T=4.0):
+    """DKD (Zhao et al. 2022) in float64, row by row, every probability in log space:
+    ``log p_t = z_t - lse(z)``, ``log(1 - p_t) = lse(z without t) - lse(z)``, non-target
+    ``log p_j = z_j - lse(z without t)``; exact for any logits (no clamp, no mask constant)."""
+    total = 0.0
+    for i in range(len(s)):
+        k = int(y[i])
+        parts = []
+        for z in (s[i].double() / T, t[i].double() / T):
+            rest = torch.cat([z[:k], z[k + 1:]])
+            lse, lse_rest = torch.logsumexp(z, 0), torch.logsumexp(rest, 0)
+            parts.append((torch.stack([z[k] - lse, lse_rest - lse]), rest - lse_rest))
+        (bs, ns), (bt, nt) = parts
+        tckd = (bt.exp() * (bt - bs)).sum()
+        nckd = (nt.exp() * (nt - ns)).sum()
+        total = total + alpha * tckd + beta * nckd
+    return total / len(s) * T**2
+
+
+def dkd_value_and_grad(s, t, y, **params):
+    s = s.detach().clone().requires_grad_(True)
+    value = build_loss("dkd", Shapes(s.shape[-1]), **params)(LossInputs(s, t_logits=t, targets=y))
+    (grad,) = torch.autograd.grad(value, s)
+    return value, grad
+
+
+def test_dkd_confident_student_hand_computed():
+    """Teacher [2,0,0,0,0], label 0, T = 1, student [20,0,0,0,0]: the non-target parts are
+    uniform on both sides (NCKD = 0), so L = alpha * KL(b_t || b_s) with
+    b = (p, 1 - p), p_t = e^2 / (e^2 + 4), p_s = e^20 / (e^20 + 4); and
+    dL/dz_0 = alpha * (p_s - p_t) (the gradient of binary cross-entropy in z_0)."""
+    alpha, m = 1.0, 20.0
+    pt = math.exp(2) / (math.exp(2) + 4)
+    log_ps, log_1m_ps = m - math.log(math.exp(m) + 4), math.log(4) - math.log(math.exp(m) + 4)
+    expected = alpha * (pt * (math.log(pt) - log_ps) + (1 - pt) * (math.log(1 - pt) - log_1m_ps))
+    expected_grad = alpha * (math.exp(log_ps) - pt)
+    assert expected == pytest.approx(5.889205508, rel=1e-9)
+    assert expected_grad == pytest.approx(0.351214347, rel=1e-8)
+    s, t = torch.tensor([[m, 0, 0, 0, 0]]), torch.tensor([[2.0, 0, 0, 0, 0]])
+    value, grad = dkd_value_and_grad(s, t, torch.tensor([0]), temperature=1.0)
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    # shift invariance: the gradient sums to 0, split evenly over the 4 equal non-targets
+    expected_row = torch.tensor([[expected_grad] + [-expected_grad / 4] * 4])
+    torch.testing.assert_close(grad, expected_row, rtol=1e-4, atol=1e-6)
+
+
+def extreme_logits(b: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits with entries at +-1e4 next to moderate ones, student and teacher disagreeing."""
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(b, NUM_CLASSES, generator=g) * 3
+    t = torch.randn(b, NUM_CLASSES, generator=g) * 3
+    y = torch.randint(0, NUM_CLASSES, (b,), generator=g)
+    rows = torch.arange(b)
+    s[rows, y] = 1e4  # overconfident student on the label ...
+    s[rows, (y + 1) % NUM_CLASSES] = -1e4  # ... and one non-target far below the rest
+    t[rows, (y + 2) % NUM_CLASSES] = 1e4  # the teacher sure of another class
+    t[rows, (y + 3) % NUM_CLASSES] = -1e4
+    return s, t, y
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+@pytest.mark.parametrize("b", [1, B])
+@pytest.mark.parametrize("kind", ["moderate", "extreme"])
+def test_dkd_matches_float64_logspace_reference(kind, b, T):
+    """Value and gradient match the float64 reference, also at batch size 1 and for +-1e4
+    logits, where the loss and its gradients must stay finite."""
+    if kind == "extreme":
+        s, t, y = extreme_logits(b, seed=b)
+    else:
+        g = torch.Generator().manual_seed(b)
+        s, t = torch.randn(b, NUM_CLASSES, generator=g), torch.randn(b, NUM_CLASSES, generator=g) * 2
+        y = torch.randint(0, NUM_CLASSES, (b,), generator=g)
+    value, grad = dkd_value_and_grad(s, t, y, temperature=T)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    s64 = s.double().requires_grad_(True)
+    expected = ref_dkd_logspace(s64, t.double(), y, T=T)
+    (expected_grad,) = torch.autograd.grad(expected, s64)
+    assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4,
+                               atol=1e-5 * max(1.0, expected_grad.abs().max().item()))
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd_is_shift_invariant(T):
+    """Adding a constant to all logits of a row changes nothing (softmax is shift-invariant);
+    logits are multiples of 1/8 so that the shifted values are exact in float32."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(-40, 40, (B, NUM_CLASSES), generator=g) / 8.0
+    t = torch.randint(-40, 40, (B, NUM_CLASSES), generator=g) / 8.0
+    y = torch.randint(0, NUM_CLASSES, (B,), generator=g)
+    value, grad = dkd_value_and_grad(s, t, y, temperature=T)
+    for shift in (-1e5, -3e4, 3e4):
+        shifted, shifted_grad = dkd_value_and_grad(s + shift, t + shift, y, temperature=T)
+        assert shifted.item() == pytest.approx(value.item(), rel=1e-5, abs=1e-6), shift
+        torch.testing.assert_close(shifted_grad, grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd_bf16_inputs_finite_and_close_to_fp32(T):
+    s, t, y = extreme_logits(B, seed=5)
+    s[0] = torch.tensor([20.0, 0, 0, 0, 0])  # the confident-student case, exact in bf16
+    value, grad = dkd_value_and_grad(s, t, y, temperature=T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v16, g16 = dkd_value_and_grad(s.bfloat16(), t.bfloat16(), y, temperature=T)
+    assert v16.dtype == torch.float32 and torch.isfinite(v16) and torch.isfinite(g16).all()
+    assert v16.item() == pytest.approx(value.item(), rel=2e-2)
+    torch.testing.assert_close(g16.float(), grad, rtol=5e-2, atol=5e-2 * grad.abs().max().item())
+
+
+def test_dkd_label_free_uses_teacher_top1():
+    s, t, _ = extreme_logits(B, seed=2)
+    free, free_grad = dkd_value_and_grad(s, t, None, temperature=1.0)
+    labelled, labelled_grad = dkd_value_and_grad(s, t, t.argmax(-1), temperature=1.0)
+    assert torch.isfinite(free) and torch.equal(free, labelled) and torch.equal(free_grad, labelled_grad)

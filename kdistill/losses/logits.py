@@ -61,24 +61,38 @@ def _hard(targets: torch.Tensor | None, t_logits: torch.Tensor) -> torch.Tensor:
 
 
 def _split_target(logits: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log of the binary (target, non-target) probabilities and of the distribution over the
-    non-target classes (target logit masked out)."""
+    """Log of the binary (target, non-target) probabilities, (B, 2), and of the distribution
+    over the non-target classes, (B, C) with 0 at the target.
+
+    Exact in log space for any finite logits: ``log p_t = z_t - lse(z)`` and
+    ``log(1 - p_t) = lse(z_{-t}) - lse(z)`` (not ``log1p(-p_t)``, which is lost once ``p_t``
+    rounds to 1), as a log-softmax over ``(z_t, lse(z_{-t}))``; the non-target distribution
+    is a log-softmax with the target masked by ``-inf``. Rows are first shifted by their
+    largest non-target logit (detached; softmax is shift-invariant), so every log-softmax
+    sees small numbers: adding a constant to all logits changes nothing (beyond the rounding
+    of the shifted inputs), and the non-target probabilities keep full float32 precision
+    next to a target logit of 1e4.
+    """
     mask = F.one_hot(gt, logits.shape[-1]).bool()
-    logp = F.log_softmax(logits, dim=-1)
-    log_pt = logp.gather(1, gt[:, None])
-    log_rest = torch.log1p(-log_pt.exp().clamp(max=1 - 1e-6))
-    binary = torch.cat([log_pt, log_rest], dim=1)
-    non_target = F.log_softmax(logits.masked_fill(mask, -1e4), dim=-1)
-    return binary, non_target.masked_fill(mask, 0.0)
+    z = logits - logits.detach().masked_fill(mask, float("-inf")).amax(-1, keepdim=True)
+    rest = z.masked_fill(mask, float("-inf"))
+    lse_rest = torch.logsumexp(rest, dim=-1, keepdim=True)
+    binary = F.log_softmax(torch.cat([z.gather(1, gt[:, None]), lse_rest], dim=1), dim=-1)
+    return binary, F.log_softmax(rest, dim=-1).masked_fill(mask, 0.0)
 
 
 def dkd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, gt: torch.Tensor, alpha: float = 1.0,
              beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
-    """Decoupled KD: ``alpha * TCKD + beta * NCKD``, each a KL times T^2, batchmean.
+    """Decoupled KD: ``T^2 * (alpha * TCKD + beta * NCKD)``, batchmean (sum within a row, mean
+    over the batch).
 
-    TCKD is the KL between the binary (target / non-target) distributions of teacher and
-    student; NCKD the KL between their distributions over the non-target classes
-    (Zhao et al., CVPR 2022, "Decoupled Knowledge Distillation").
+    With ``b = (p_gt, 1 - p_gt)`` the binary target / non-target probabilities and ``q`` the
+    distribution over the non-target classes (softmax of the logits without the target), all
+    at temperature T: ``TCKD = KL(b_teacher || b_student)`` and
+    ``NCKD = KL(q_teacher || q_student)`` (Zhao et al., CVPR 2022, "Decoupled Knowledge
+    Distillation"). Computed in float32 and in log space (see :func:`_split_target`): finite
+    and accurate, value and gradient, for any finite logits, including a student whose
+    ``p_gt`` rounds to 1 (TCKD keeps growing and pushing it towards the teacher's ``p_gt``).
     """
     bs, ns = _split_target(s_logits.float() / temperature, gt)
     bt, nt = _split_target(t_logits.float() / temperature, gt)
