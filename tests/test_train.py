@@ -143,3 +143,59 @@ def test_checkpoint_class_mismatch(trained_run, tmp_path):
     code = main(["train", "--data", str(two), "--model", "resnet8", "--out", str(tmp_path / "m"),
                  "-o", f"model.checkpoint={trained_run}", *TRAIN_ARGS])
     assert code == 2
+
+
+# ------------------------------------------------------------------ a Trainer on toy batches
+# (no data folder: a list of ready batches stands in for the EpochLoader)
+
+
+class _Batches:
+    """The EpochLoader interface over a fixed list of batches."""
+
+    def __init__(self, batches: list[dict]) -> None:
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _batch(seed: int, n: int = 4, size: int = 8) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+            "target": torch.randint(0, 3, (n,), generator=g), "index": torch.arange(n), "skipped": []}
+
+
+UNREADABLE = {"skipped": ["bad-0.png", "bad-1.png", "bad-2.png", "bad-3.png"]}
+
+
+def _trainer(tmp_path: Path, *overrides: str, student: torch.nn.Module | None = None,
+             batches: list[dict] | None = None, size: int = 8):
+    from kdistill.data.transforms import Preprocess, Preprocessing
+    from kdistill.engine.trainer import Trainer
+
+    cfg = build_config(Config, overrides=["data.root=unused", "model.name=toy", "train.epochs=1",
+                                          f"train.out={tmp_path}", "train.progress=false", *overrides])
+    pp = Preprocessing(size, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    torch.manual_seed(0)
+    student = student or torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * size * size, 3))
+    method = Supervised(student, Preprocess(pp))
+    return Trainer(cfg, method, _Batches(batches or [_batch(0, size=size)]), None, torch.device("cpu"),
+                   tmp_path, ["a", "b", "c"], pp)
+
+
+@pytest.mark.parametrize("name", ["sgd", "sgdp", "sgdw", "lars", "rmsproptf", "po:sgdp", "po:sgdw"])
+def test_momentum_reaches_every_optimizer_that_has_one(tmp_path, name):
+    opt = _trainer(tmp_path, f"optim.name={name}", "optim.momentum=0.5").optimizer
+    assert [g["momentum"] for g in opt.param_groups] == [0.5] * len(opt.param_groups)
+
+
+@pytest.mark.parametrize("name", ["adamw", "po:adamp"])
+def test_momentum_is_ignored_by_optimizers_without_one(tmp_path, name):
+    opt = _trainer(tmp_path, f"optim.name={name}", "optim.momentum=0.5").optimizer
+    assert "momentum" not in opt.param_groups[0]

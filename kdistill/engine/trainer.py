@@ -28,26 +28,18 @@ from ..methods.base import Method
 from ..models.checkpoint import load_state, save_model, save_state
 from ..utils import count_params, seed_everything, write_json
 from . import distributed as dist
+from . import precision as precision_
 from .callbacks import RunLogger, log, progress
 from .evaluate import EvalHook, EvalResult, evaluate
 
 
-def autocast_factory(device: torch.device, enabled: bool, dtype_name: str = "auto"
-                     ) -> tuple[Callable[[], contextlib.AbstractContextManager], torch.dtype | None]:
-    """-> (context factory, dtype); auto = bf16 on CPU, bf16 on CUDA if supported else fp16."""
-    if not enabled:
-        return contextlib.nullcontext, None
-    if dtype_name == "auto":
-        bf16_ok = device.type == "cpu" or torch.cuda.is_bf16_supported()
-        dtype = torch.bfloat16 if bf16_ok else torch.float16
-    else:
-        dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
-    return (lambda: torch.autocast(device.type, dtype=dtype)), dtype
-
-
-def pytorch_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def pytorch_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                      momentum: float) -> torch.optim.Optimizer:
     """An optimizer from the pytorch-optimizer package (e.g. ``soap``, ``shampoo``), with
-    decoupled weight decay on weights and none on biases / norm parameters."""
+    decoupled weight decay on weights and none on biases / norm parameters; ``momentum``
+    is passed when the optimizer takes one (as timm does for its own)."""
+    import inspect
+
     import pytorch_optimizer as po
 
     try:
@@ -57,7 +49,8 @@ def pytorch_optimizer(model: nn.Module, name: str, lr: float, weight_decay: floa
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return cls(groups, lr=lr)
+    kwargs = {"momentum": momentum} if "momentum" in inspect.signature(cls).parameters else {}
+    return cls(groups, lr=lr, **kwargs)
 
 
 @dataclass
@@ -86,8 +79,12 @@ class Trainer:
         steps = len(train_loader) if tc.max_steps_per_epoch is None else min(len(train_loader), tc.max_steps_per_epoch)
         self.updates_per_epoch = max(steps // tc.accum_steps, 1)
         self.steps_per_epoch = self.updates_per_epoch * tc.accum_steps
-        self.autocast, amp_dtype = autocast_factory(device, tc.amp, tc.amp_dtype)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+        self.precision = precision_.resolve(device, tc.amp, tc.amp_dtype)
+        log(f"precision: {self.precision.name} ({self.precision.reason})")
+        if self.precision.warning:
+            log(self.precision.warning)
+        self.autocast = self.precision.autocast(device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.needs_scaler)
         self.optimizer, self.scheduler = self._build_optim()
         self.ema = ModelEmaV3(method.plain_student, decay=tc.ema_decay) if tc.ema_decay > 0 else None
         if dist.is_distributed():
@@ -105,12 +102,11 @@ class Trainer:
 
         oc, tc = self.cfg.optim, self.cfg.train
         if oc.name.startswith("po:"):
-            opt = pytorch_optimizer(self.method.trainable(), oc.name[3:], oc.lr, oc.weight_decay)
+            opt = pytorch_optimizer(self.method.trainable(), oc.name[3:], oc.lr, oc.weight_decay, oc.momentum)
         else:
-            kwargs = {"momentum": oc.momentum} if oc.name in ("sgd", "momentum", "nesterov", "rmsprop") else {}
-            try:
+            try:  # timm applies momentum only to optimizers that have it (has_momentum)
                 opt = create_optimizer_v2(self.method.trainable(), opt=oc.name, lr=oc.lr,
-                                          weight_decay=oc.weight_decay, **kwargs)
+                                          weight_decay=oc.weight_decay, momentum=oc.momentum)
             except (AssertionError, ValueError) as err:
                 raise UserError(f"optimizer '{oc.name}': {str(err).splitlines()[0][:160]} (timm names, "
                                 "or po:NAME for pytorch-optimizer, e.g. po:soap)") from None
@@ -147,7 +143,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] or not self.scaler.is_enabled():  # a run saved without fp16 has no scale
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         self.method.load_extra_state(state.get("method") or {})
@@ -173,7 +170,8 @@ class Trainer:
             "metrics": result.summary() if result else {},
             "run": str(self.out.resolve()), "ema": self.ema is not None,
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "kdistill_version": __version__, **self.method.describe(), **self.meta,
+            "kdistill_version": __version__, **self.precision.record(self.device),
+            **self.method.describe(), **self.meta,
         }
 
     def save(self, result: EvalResult | None, is_best: bool) -> None:
@@ -200,7 +198,8 @@ class Trainer:
                 row = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                        **{f"train.{k}": v for k, v in stats.terms.items()},
                        "train.images_per_s": stats.images / max(stats.seconds, 1e-9),
-                       "train.seconds": stats.seconds, "train.skipped": len(stats.skipped)}
+                       "train.seconds": stats.seconds, "train.skipped": len(stats.skipped),
+                       **self.precision.record(self.device)}
                 result = None
                 if self.val_loader is not None and (self.epoch % tc.eval_every == 0 or self.epoch == tc.epochs):
                     result = self.validate()
@@ -338,5 +337,6 @@ class Trainer:
             "seconds_this_session": round(seconds, 1), "device": str(self.device),
             "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} threads)",
-            "world_size": dist.world_size(), **self.method.describe(),
+            "world_size": dist.world_size(), **self.precision.record(self.device),
+            **self.method.describe(),
         }
