@@ -25,9 +25,9 @@ TRAIN_FLAGS = {
     "data": "data.root", "model": "model.name", "epochs": "train.epochs",
     "batch_size": "train.batch_size", "out": "train.out", "lr": "optim.lr", "opt": "optim.name",
     "seed": "train.seed", "device": "train.device", "workers": "data.workers",
-    "ema": "train.ema_decay", "image_size": "data.image_size",
+    "ema": "train.ema_decay", "image_size": "data.image_size", "amp": "train.amp",
 }
-TRAIN_SWITCHES = {"resume": "train.resume", "amp": "train.amp", "pretrained": "model.pretrained",
+TRAIN_SWITCHES = {"resume": "train.resume", "pretrained": "model.pretrained",
                   "no_progress": None}
 
 
@@ -52,7 +52,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", type=float, metavar="DECAY", help="weight EMA decay, e.g. 0.999")
     p.add_argument("--image-size", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="autocast on (--amp) or off (--no-amp); default train.amp=auto: on for CUDA "
+                        "and CPUs with native bf16, fp32 elsewhere")
     p.add_argument("--pretrained", action="store_true", help="start from published weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_args(p)

@@ -114,8 +114,10 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128  # per process
     accum_steps: int = 1
-    amp: bool = False
-    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # auto: bf16 on CPU, fp16 on CUDA
+    # auto: autocast where the hardware makes it fast (CUDA; CPUs with native bf16), else fp32;
+    # kept as 'auto' in config.yaml so a resumed run chooses again on its new machine
+    amp: bool | Literal["auto"] = "auto"
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"  # when on: bf16 on CPU; CUDA bf16 if supported
     ema_decay: float = 0.0  # 0 disables the weight EMA; e.g. 0.999
     rdrop: float = 0.0  # R-Drop weight (symmetric KL between two dropout passes)
     seed: int = 0

@@ -38,7 +38,7 @@ def demo_config(out: Path, data: str, model: str, epochs: int, size: dict, extra
         f"data.root={data}", f"model.name={model}", f"train.epochs={epochs}", f"train.out={out}",
         f"data.max_train_images={size['train_images']}", f"data.max_val_images={size['val_images']}",
         "train.batch_size=128", "optim.lr=0.1", "optim.warmup_epochs=0", "data.workers=0",
-        "data.hflip=0.5", "data.padding=2", "train.amp=true", "model.channels_last=true",
+        "data.hflip=0.5", "data.padding=2", "model.channels_last=true",
         f"train.progress={str(size['progress']).lower()}", *extra])
 
 

@@ -107,7 +107,8 @@ def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Pa
                  "sha256": _sha256(path), "opset": meta.get("opset")},
         "source": {"checkpoint": str(checkpoint), "run": meta.get("run"), "epoch": ckpt_meta.get("epoch"),
                    "ema": ckpt_meta.get("ema"), "trained": ckpt_meta.get("created"),
-                   "trained_with": ckpt_meta.get("kdistill_version")},
+                   "trained_with": ckpt_meta.get("kdistill_version"),
+                   "precision": ckpt_meta.get("precision"), "cpu_capability": ckpt_meta.get("cpu_capability")},
         "recipe": {"method": ckpt_meta.get("method"), "losses": ckpt_meta.get("losses"),
                    "teachers": ckpt_meta.get("teachers"), "config": config},
         "accuracy": {"checkpoint_val": ckpt_meta.get("metrics") or None,
@@ -165,6 +166,9 @@ def render_markdown(card: dict) -> str:
     lines += ["", "## How it was made", "",
               f"- Method: {rec.get('method') or 'unknown'}" + (f"; loss terms: {', '.join(rec['losses'])}"
                                                               if rec.get("losses") else "")]
+    if src.get("precision"):
+        lines.append(f"- Trained in {src['precision']}" + (f" on a {src['cpu_capability']} CPU"
+                                                          if src.get("cpu_capability") else ""))
     for t in rec.get("teachers") or []:
         lines.append(f"- Teacher: {t.get('teacher')}" + (f" (weight {t['weight']})" if "weight" in t else ""))
     cfg = rec.get("config") or {}
