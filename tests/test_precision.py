@@ -117,3 +117,13 @@ def test_recipes_and_demo_use_auto():
         assert (yaml.safe_load(path.read_text()).get("train") or {}).get("amp", "auto") == "auto", path
     cfg = demo_config(Path("/tmp/x"), "fashion-mnist", "resnet8", 1, {**FULL, "progress": False}, [])
     assert cfg.train.amp == "auto"
+
+
+def test_a_run_saved_without_a_scaler_resumes_under_fp16(tiny_root, tmp_path):
+    """last.pt from an fp32/bf16 run holds an empty GradScaler state; fp16 must still resume."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tiny_root), "--model", "resnet8", "--epochs", "1",
+                 "--out", str(out), "--no-amp", *TRAIN_ARGS]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--amp",
+                 "-o", "train.amp_dtype=fp16", *TRAIN_ARGS]) == 0
+    assert json.loads((out / "summary.json").read_text())["precision"] == "fp16"
