@@ -199,3 +199,39 @@ def test_momentum_reaches_every_optimizer_that_has_one(tmp_path, name):
 def test_momentum_is_ignored_by_optimizers_without_one(tmp_path, name):
     opt = _trainer(tmp_path, f"optim.name={name}", "optim.momentum=0.5").optimizer
     assert "momentum" not in opt.param_groups[0]
+
+
+def _tiny_vit() -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3, img_size=32,
+                             patch_size=8, depth=1, embed_dim=32, num_heads=2)
+
+
+@pytest.mark.parametrize("name", ["adamw", "po:adamp"])
+def test_vit_position_embedding_and_class_token_get_no_weight_decay(tmp_path, name):
+    """The student's no_weight_decay() reaches the param-group builder through trainable()."""
+    t = _trainer(tmp_path, f"optim.name={name}", "optim.weight_decay=0.05", student=_tiny_vit(), size=32)
+    names = {id(p): n for n, p in t.method.trainable().named_parameters()}
+    decay = {g["weight_decay"] > 0: {names[id(p)] for p in g["params"]} for g in t.optimizer.param_groups}
+    assert {"student.pos_embed", "student.cls_token", "student.head.bias"} <= decay[False]
+    assert {"student.head.weight", "student.blocks.0.attn.qkv.weight"} <= decay[True]
+
+
+def test_distill_trainable_keeps_state_keys_and_forwards_vit_hints():
+    """Old last.pt files (saved from a ModuleDict of student + loss bank) still load; the
+    student's no_weight_decay / group_matcher come through with the 'student.' prefix."""
+    from timm.optim import create_optimizer_v2
+
+    from kdistill.data.transforms import Preprocess, Preprocessing
+    from kdistill.methods.distill import Distill, LossBank, TermSpec
+
+    student, bank = _tiny_vit(), LossBank({"kd": torch.nn.Linear(4, 4)})
+    m = Distill(student, Preprocess(Preprocessing(32, [0.5] * 3, [0.25] * 3)), None, [TermSpec("kd")], bank)
+    old = torch.nn.ModuleDict({"student": student, "losses": bank}).state_dict()
+    assert list(m.trainable().state_dict()) == list(old)
+    m.trainable().load_state_dict(old)
+    assert {"student.pos_embed", "student.cls_token"} <= m.trainable().no_weight_decay()
+    opt = create_optimizer_v2(m.trainable(), "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    assert scale[id(student.pos_embed)] < scale[id(student.head.weight)] == scale[id(bank.losses["kd"].weight)] == 1.0

@@ -36,8 +36,10 @@ from .evaluate import EvalHook, EvalResult, evaluate
 def pytorch_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
                       momentum: float) -> torch.optim.Optimizer:
     """An optimizer from the pytorch-optimizer package (e.g. ``soap``, ``shampoo``), with
-    decoupled weight decay on weights and none on biases / norm parameters; ``momentum``
-    is passed when the optimizer takes one (as timm does for its own)."""
+    decoupled weight decay on weights and none on biases / norm parameters or on what the
+    model's ``no_weight_decay()`` names (wildcards allowed, as in timm; e.g. a ViT's
+    ``pos_embed``); ``momentum`` is passed when the optimizer takes one (as timm does)."""
+    import fnmatch
     import inspect
 
     import pytorch_optimizer as po
@@ -46,8 +48,11 @@ def pytorch_optimizer(model: nn.Module, name: str, lr: float, weight_decay: floa
         cls = po.load_optimizer(name)
     except NotImplementedError:
         raise UserError(f"pytorch-optimizer has no optimizer '{name}'") from None
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    exempt = {n for n, p in named if p.ndim <= 1 or any(fnmatch.fnmatch(n, pat) for pat in skip)}
+    decay = [p for n, p in named if n not in exempt]
+    rest = [p for n, p in named if n in exempt]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
     kwargs = {"momentum": momentum} if "momentum" in inspect.signature(cls).parameters else {}
     return cls(groups, lr=lr, **kwargs)

@@ -8,6 +8,42 @@ from torch.nn.parallel import DistributedDataParallel
 from ..data.transforms import Preprocess
 
 
+class Trainable(nn.Module):
+    """What the optimizer updates and ``last.pt`` stores: the student (``student.*``) plus
+    any extra trainable modules (e.g. the loss bank with its adapters, ``losses.*``).
+
+    Like the trainable modules of timm's distillation tasks, it forwards the student's
+    ``no_weight_decay()`` and ``group_matcher()`` with the ``student.`` prefix, so timm's
+    param-group builder keeps e.g. a ViT's ``pos_embed`` and ``cls_token`` out of weight
+    decay (and layer-wise lr decay sees the student's layers; extra modules go with its
+    head). State-dict keys are those of the former ``ModuleDict``: old checkpoints load.
+    """
+
+    def __init__(self, student: nn.Module, **extra: nn.Module) -> None:
+        super().__init__()
+        self.student = student
+        for name, module in extra.items():
+            self.add_module(name, module)
+
+    def no_weight_decay(self) -> set[str]:
+        names = getattr(self.student, "no_weight_decay", None)
+        return {f"student.{n}" for n in names()} if names else set()
+
+    def group_matcher(self, coarse: bool = False):
+        from timm.models import group_parameters
+
+        matcher = getattr(self.student, "group_matcher", None)
+        if matcher is None:
+            return {}
+        layers = group_parameters(self.student, matcher(coarse=coarse), reverse=True)
+        last = max(layers.values(), default=0)
+
+        def layer_of(name: str) -> int:
+            return layers.get(name[len("student."):], last) if name.startswith("student.") else last
+
+        return layer_of
+
+
 class Method(nn.Module):
     """A way of training ``student``.
 
@@ -32,7 +68,7 @@ class Method(nn.Module):
 
     def trainable(self) -> nn.Module:
         """Modules whose parameters the optimizer updates (the student, plus any adapters)."""
-        return nn.ModuleDict({"student": self.plain_student})
+        return Trainable(self.plain_student)
 
     def wrap_distributed(self, device_ids: list[int] | None) -> None:
         """Wrap only trainable parts in DDP (frozen teachers stay plain)."""

@@ -19,7 +19,7 @@ from ..data.transforms import Preprocess
 from ..errors import UserError
 from ..losses import LOSSES, LossInputs
 from ..models.hooks import FeatureCapture
-from .base import Method
+from .base import Method, Trainable
 from .teachers import Teacher, TeacherSet
 
 
@@ -101,7 +101,7 @@ class Distill(Method):
 
     def trainable(self) -> nn.Module:
         bank = self.bank.module if isinstance(self.bank, DistributedDataParallel) else self.bank
-        return nn.ModuleDict({"student": self.plain_student, "losses": bank})
+        return Trainable(self.plain_student, losses=bank)
 
     def wrap_distributed(self, device_ids: list[int] | None) -> None:
         super().wrap_distributed(device_ids)
