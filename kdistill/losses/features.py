@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from . import LossInputs, Shapes, register_loss
 
 
@@ -140,24 +141,42 @@ class SP(nn.Module):
         return mean_over_pairs(inp, pair)
 
 
+MGD_MASKS = ("channel", "spatial")
+
+
 @register_loss("mgd", "features")
 class MGD(nn.Module):
     """Masked generative distillation: regenerate teacher features from masked student features.
 
     Per pair: ``s' = align(s)`` (1x1 conv to teacher channels, identity if equal), resized to
-    the teacher's size; ``M`` a (B, 1, H, W) mask, 0 with probability ``lambda_mask`` (drawn
-    as ``torch.rand(B, 1, H, W) > 1 - lambda_mask`` -> 0, pair by pair, from torch's global
-    RNG), shared over channels; ``G`` = conv3x3 -> ReLU -> conv3x3; loss
-    ``alpha_mgd * sum((G(s' * M) - t)^2) / B`` (sum over C, H, W, mean over samples), then
-    mean over pairs. The mask is drawn in eval mode too (the loss is the same function).
-    Yang et al., ECCV 2022, "Masked Generative Distillation" (alpha 2e-5: classification).
+    the teacher's size; ``M`` a random 0/1 mask, 0 with probability ``lambda_mask``, drawn
+    as ``torch.rand(shape) > 1 - lambda_mask`` -> 0, pair by pair, from torch's global RNG:
+
+    - ``mask="channel"`` (default): shape (B, C, 1, 1), whole channels of ``s'`` dropped,
+      a fresh draw per sample;
+    - ``mask="spatial"``: shape (B, 1, H, W), whole positions dropped (shared over channels).
+
+    ``G`` = conv3x3 -> ReLU -> conv3x3; loss ``alpha_mgd * sum((G(s' * M) - t)^2) / B`` (sum
+    over C, H, W, mean over samples), then mean over pairs. The mask is drawn in eval mode
+    too (the loss is the same function).
+    Yang et al., ECCV 2022, "Masked Generative Distillation". The defaults are the authors'
+    classification recipe (repo yzd-v/MGD, ``cls/``: channel mask, alpha 7e-5, ratio 0.15);
+    their detection recipe is ``mask="spatial", alpha_mgd=2e-5, lambda_mask=0.65``.
     """
 
-    def __init__(self, shapes: Shapes, alpha_mgd: float = 2e-5, lambda_mask: float = 0.65) -> None:
+    def __init__(self, shapes: Shapes, alpha_mgd: float = 7e-5, lambda_mask: float = 0.15,
+                 mask: str = "channel") -> None:
         super().__init__()
+        try:  # YAML 1.1 reads `2e-5` (no dot) as a string
+            alpha_mgd, lambda_mask = float(alpha_mgd), float(lambda_mask)
+        except (TypeError, ValueError):
+            raise UserError(f"mgd: alpha_mgd and lambda_mask must be numbers, got "
+                            f"{alpha_mgd!r} and {lambda_mask!r}") from None
         if not 0.0 <= lambda_mask < 1.0:
-            raise ValueError(f"mgd: lambda_mask must be in [0, 1), got {lambda_mask}")
-        self.alpha_mgd, self.lambda_mask = alpha_mgd, lambda_mask
+            raise UserError(f"mgd: lambda_mask must be in [0, 1), got {lambda_mask}")
+        if mask not in MGD_MASKS:
+            raise UserError(f"mgd: mask must be one of {', '.join(MGD_MASKS)}, got {mask!r}")
+        self.alpha_mgd, self.lambda_mask, self.mask_kind = alpha_mgd, lambda_mask, mask
         self.align = nn.ModuleList(
             nn.Identity() if s[0] == t[0] else nn.Conv2d(s[0], t[0], kernel_size=1)
             for s, t in zip(shapes.s_feats, shapes.t_feats))
@@ -166,16 +185,17 @@ class MGD(nn.Module):
                           nn.Conv2d(t[0], t[0], kernel_size=3, padding=1))
             for t in shapes.t_feats)
 
-    def mask(self, b: int, hw: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """(B, 1, H, W) float mask: 0 where dropped (probability ``lambda_mask``), else 1."""
-        r = torch.rand((b, 1, *hw), device=device)
-        return (r <= 1 - self.lambda_mask).float()
+    def mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Float mask for an aligned (B, C, H, W) map: (B, C, 1, 1) for ``channel``, (B, 1, H, W)
+        for ``spatial``; 0 where dropped (probability ``lambda_mask``), else 1."""
+        b, c, h, w = shape
+        size = (b, c, 1, 1) if self.mask_kind == "channel" else (b, 1, h, w)
+        return (torch.rand(size, device=device) <= 1 - self.lambda_mask).float()
 
     def forward(self, inp: LossInputs) -> torch.Tensor:
         def pair(i: int, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            hw = _hw(t.shape)
-            aligned = resize_to(self.align[i](s), hw)
-            gen = self.generation[i](aligned * self.mask(s.shape[0], hw, s.device))
+            aligned = resize_to(self.align[i](s), _hw(t.shape))
+            gen = self.generation[i](aligned * self.mask(tuple(aligned.shape), s.device))
             return (gen - t).pow(2).sum() / s.shape[0]
 
         return self.alpha_mgd * mean_over_pairs(inp, pair)
