@@ -235,3 +235,57 @@ def test_distill_trainable_keeps_state_keys_and_forwards_vit_hints():
     opt = create_optimizer_v2(m.trainable(), "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.5)
     scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     assert scale[id(student.pos_embed)] < scale[id(student.head.weight)] == scale[id(bank.losses["kd"].weight)] == 1.0
+
+
+SGD_PLAIN = ["optim.name=momentum", "optim.momentum=0", "optim.weight_decay=0", "optim.sched=constant",
+             "optim.lr=0.5", "train.batch_size=4", "train.amp=false"]
+
+
+def _sgd_reference(trainer, windows: list[list[dict]], lr: float = 0.5) -> dict:
+    """The student after plain SGD steps, one per window, each on the mean loss over every
+    readable image of the window: what accumulation must compute."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(trainer.method.plain_student)
+    for window in windows:
+        good = [b for b in window if "image" in b]
+        x = torch.cat([b["image"] for b in good]).float() / 255
+        y = torch.cat([b["target"] for b in good])
+        model.zero_grad()
+        F.cross_entropy(model(trainer.method.student_prep(x)), y).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+    return model.state_dict()
+
+
+def _assert_same_student(trainer, expected: dict) -> None:
+    got = trainer.method.plain_student.state_dict()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_shorter_than_an_accumulation_window_still_steps(tmp_path):
+    """3 batches, accum_steps=4: one step on the average over the 3 batches."""
+    batches = [_batch(i) for i in range(3)]
+    t = _trainer(tmp_path, *SGD_PLAIN, "train.accum_steps=4", batches=batches)
+    expected = _sgd_reference(t, [batches])
+    t.train_epoch(0)
+    assert t.global_step == 1
+    _assert_same_student(t, expected)
+
+
+def test_trailing_partial_window_steps_and_the_schedule_counts_it(tmp_path):
+    """10 batches, accum_steps=4: windows of 4, 4 and 2 batches; the cosine schedule is
+    built for those 3 updates per epoch."""
+    batches = [_batch(i) for i in range(10)]
+    t = _trainer(tmp_path, *SGD_PLAIN, "train.accum_steps=4", batches=batches)
+    expected = _sgd_reference(t, [batches[:4], batches[4:8], batches[8:]])
+    stats = t.train_epoch(0)
+    assert t.global_step == 3 and stats.images == 40
+    _assert_same_student(t, expected)
+    cosine = _trainer(tmp_path, *SGD_PLAIN, "optim.sched=cosine", "train.epochs=2", "train.accum_steps=4",
+                      batches=batches).scheduler
+    assert cosine.t_initial == 2 * 3

@@ -122,8 +122,18 @@ class Trainer:
             decay_epochs=oc.decay_epochs[0] if oc.sched == "step" else tc.epochs * 10,
             decay_milestones=oc.decay_epochs, decay_rate=1.0 if oc.sched == "constant" else oc.decay_rate,
             min_lr=oc.min_lr, warmup_lr=oc.warmup_lr, warmup_epochs=oc.warmup_epochs,
-            step_on_epochs=False, updates_per_epoch=self.updates_per_epoch)
+            step_on_epochs=False, updates_per_epoch=self._updates_per_epoch())
         return opt, sched
+
+    def _batches_per_epoch(self) -> int:
+        """Batches trained per epoch: the loader's, capped by ``train.max_steps_per_epoch``."""
+        cap = self.cfg.train.max_steps_per_epoch
+        return len(self.train_loader) if cap is None else min(len(self.train_loader), cap)
+
+    def _updates_per_epoch(self) -> int:
+        """Optimizer steps per epoch: one per window of ``accum_steps`` batches, the last
+        window of an epoch possibly shorter (it steps too)."""
+        return max(math.ceil(self._batches_per_epoch() / self.cfg.train.accum_steps), 1)
 
     def eval_model(self) -> nn.Module:
         """The weights that are evaluated and saved: the EMA when enabled, else the student."""
@@ -234,17 +244,22 @@ class Trainer:
         stats = EpochStats()
         sums: dict[str, torch.Tensor] = {}
         params = [p for p in self.method.trainable().parameters() if p.requires_grad]
-        bar = progress(self.steps_per_epoch, f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
+        n_batches = self._batches_per_epoch()
+        bar = progress(n_batches, f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(self.train_loader):
-            if i >= self.steps_per_epoch:
+            if i >= n_batches:
                 break
             stats.skipped += batch["skipped"]
             if "image" not in batch:
                 continue
             batch = self._to_device(batch)
-            step_now = (i + 1) % tc.accum_steps == 0
+            # windows of accum_steps batches; the epoch's last one may be shorter: it steps
+            # too, its loss scaled by its real size so the gradient is still an average
+            start = i - i % tc.accum_steps
+            window = min(tc.accum_steps, n_batches - start)
+            step_now = i == start + window - 1
             sync = contextlib.ExitStack()
             if not step_now:
                 for m in self.method.ddp_modules():
@@ -258,7 +273,7 @@ class Trainer:
                         f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
                         f"The last good checkpoint ({self.out / 'last.pt'}) is intact: lower "
                         "optim.lr, set optim.clip_grad, or turn off train.amp, then --resume")
-                self.scaler.scale(loss / tc.accum_steps).backward()
+                self.scaler.scale(loss / window).backward()
             if step_now:
                 if oc.clip_grad:
                     self.scaler.unscale_(self.optimizer)
