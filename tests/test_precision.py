@@ -67,8 +67,10 @@ def test_auto_on_cuda_prefers_bf16_else_fp16_with_a_scaler(monkeypatch, bf16, dt
     assert precision.resolve(CUDA, "auto", "fp16").dtype is torch.float16
 
 
-def test_the_real_probe_answers():
+def test_the_real_probe_answers(monkeypatch):
     assert isinstance(precision.cpu_native_bf16(), bool) and precision.cpu_capability()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # oneDNN capped below bf16: emulated
+    assert precision.cpu_native_bf16() is False
 
 
 def test_config_default_old_and_new_values():
