@@ -78,10 +78,20 @@ def train_config(args: argparse.Namespace, cls=None, extra_flags: dict | None = 
 # ------------------------------------------------------------------ subcommands
 
 
+def checked_run_folder(cfg):
+    """Fix the run folder once (default runs/<model>-<time>) and check it can be written,
+    before any data, model or teacher is loaded."""
+    from .engine.run import run_folder
+    from .utils import ensure_writable_dir
+
+    cfg.train.out = str(ensure_writable_dir(run_folder(cfg), "--out"))
+    return cfg
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.run import train
 
-    summary = train(train_config(args))
+    summary = train(checked_run_folder(train_config(args)))
     _print_summary(summary)
     return 0
 
@@ -119,7 +129,7 @@ def distill_config(args: argparse.Namespace):
 def cmd_distill(args: argparse.Namespace) -> int:
     from .engine.distill import distill
 
-    _print_summary(distill(distill_config(args)))
+    _print_summary(distill(checked_run_folder(distill_config(args))))
     return 0
 
 
@@ -149,7 +159,7 @@ def cmd_ssld(args: argparse.Namespace) -> int:
         "distill.teachers": args.teacher, "ssld.pool": args.pool, "ssld.top_k": args.top_k,
         "ssld.dedup_against": args.dedup_against, "ssld.finetune_epochs": args.finetune_epochs,
         "ssld.losses": args.loss, "ssld.unlabeled_fraction": args.unlabeled_fraction})
-    _print_summary(ssld(cfg))
+    _print_summary(ssld(checked_run_folder(cfg)))
     return 0
 
 

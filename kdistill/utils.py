@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes, JSON lines, seeding, device choice."""
+"""Small shared helpers: atomic file writes, output checks, JSON lines, seeding, device choice."""
 from __future__ import annotations
 
 import json
@@ -31,6 +31,52 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_PROBE = ".kdistill-write-check-"
+
+
+def ensure_writable_dir(path: str | Path, what: str = "--out",
+                        fix: str = "choose a folder you can write to") -> Path:
+    """Create folder ``path`` (and its parents) and check a file can be written in it.
+
+    Commands call this before any expensive work, so an output location that cannot be
+    created or written (under a regular file, no permission, read-only file system...)
+    ends with one :class:`UserError` line at once instead of a traceback hours later.
+    The folder stays (the command writes there next); the probe file does not. ``what``
+    names the location in the message (e.g. the flag that set it), ``fix`` says what to do.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_PROBE, dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        from .errors import UserError
+
+        raise UserError(f"{what} '{path}' cannot be created or written ({_why_unwritable(path, err)}); "
+                        f"{fix}") from None
+    return path
+
+
+def ensure_writable_file_parent(path: str | Path, what: str = "--out") -> Path:
+    """:func:`ensure_writable_dir` for the folder of output file ``path`` (named in the error)."""
+    path = Path(path)
+    ensure_writable_dir(path.parent, f"the folder of {what} '{path}':",
+                        "choose a file in a folder you can write to")
+    return path
+
+
+def _why_unwritable(path: Path, err: OSError) -> str:
+    """The reason, in words: a regular file in the way, else the system's message."""
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            if not p.is_dir():
+                return f"'{p}' is a file, not a folder"
+            break
+    name = path if err.filename and Path(err.filename).name.startswith(_PROBE) else err.filename
+    return f"{err.strerror}: '{name}'" if name else (err.strerror or str(err))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -71,9 +71,11 @@ def format_from_suffix(out: str) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..utils import ensure_writable_file_parent
     from .export import export_checkpoint
 
     fmt = args.format or format_from_suffix(args.out)
+    ensure_writable_file_parent(args.out, "--out")  # the export and its card go there
     export_checkpoint(args.run, fmt, args.out, args.image_size, args.opset, args.data, args.tolerance,
                       args.parity_images, not args.no_card, args.bench_seconds)
     return 0

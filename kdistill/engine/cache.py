@@ -22,7 +22,7 @@ from ..data.views import N_PARAMS, ViewDataset, ViewSpec
 from ..errors import UserError
 from ..methods.teachers import TeacherSet, load_teacher
 from ..models.checkpoint import resolve_checkpoint
-from ..utils import resolve_device
+from ..utils import ensure_writable_dir, resolve_device
 from . import distributed as dist
 from .callbacks import log, progress
 
@@ -43,8 +43,8 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
         raise UserError("cache needs --teacher RUN_OR_CKPT")
     if cfg.data.auto_augment != "none":
         raise UserError("auto-augment views cannot be replayed from a cache; set data.auto_augment=none")
+    root = ensure_writable_dir(out, "--out")
     device = dist.init(resolve_device(cfg.train.device))
-    root = Path(out)
     splits = open_splits(cfg.data, need_val=False)
     src = splits.train
     teachers = TeacherSet([load_teacher(t, src.classes, device) for t in cfg.distill.teachers],

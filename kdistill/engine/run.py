@@ -17,7 +17,7 @@ from ..methods.base import Method
 from ..methods.supervised import Supervised
 from ..models import create_model, default_preprocessing
 from ..models.checkpoint import meta_preprocessing, read_meta, resolve_checkpoint
-from ..utils import resolve_device, seed_everything
+from ..utils import ensure_writable_dir, resolve_device, seed_everything
 from . import distributed as dist
 from .evaluate import EvalHook
 from .trainer import Trainer
@@ -137,6 +137,13 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = Fa
 
     dev = resolve_device(device)
     path = resolve_checkpoint(run_or_ckpt)
+    name = f"eval-{split}{'-tta' if tta else ''}"
+    report_dir = Path(out) if out else (path.parent / name if Path(run_or_ckpt).is_dir()
+                                        else path.parent / f"{name}-{path.stem}")
+    if out:
+        ensure_writable_dir(report_dir, "--report")
+    else:
+        ensure_writable_dir(report_dir, "the report folder", "pass --report DIR, a folder you can write to")
     model, meta = load_model(str(path), dev)
     source = open_source(root, split, classes=meta["classes"])
     pp = meta_preprocessing(meta)
@@ -156,9 +163,6 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = Fa
         result.extra.update(hook.compute())
     if result.n == 0:
         raise UserError(f"no readable image in the '{split}' split of '{root}'")
-    name = f"eval-{split}{'-tta' if tta else ''}"
-    report_dir = Path(out) if out else (path.parent / name if Path(run_or_ckpt).is_dir()
-                                        else path.parent / f"{name}-{path.stem}")
     summary = {**result.summary(), "split": split, "tta": tta, "checkpoint": str(path),
                "data": root}
     write_report(result, meta["classes"], report_dir, summary)

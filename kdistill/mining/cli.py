@@ -27,7 +27,8 @@ import torch
 from ..engine import distributed as dist
 from ..engine.callbacks import log
 from ..errors import UserError
-from ..utils import atomic_path, atomic_write, atomic_write_text, resolve_device, write_json
+from ..utils import (atomic_path, atomic_write, atomic_write_text, ensure_writable_file_parent,
+                     resolve_device, write_json)
 from .dedup import EMBED_THRESHOLD, PHASH_THRESHOLD, DedupIndex
 from .pool import Pool, open_pool
 from .score import Merged, ShardScorer, assign, build_index, merge_shards, score_shards, shard_path
@@ -51,6 +52,7 @@ def mine(teacher: str, pool: str, top_k: int, out: str, dedup_against: Sequence[
     from ..models.hooks import FeatureCapture
 
     _check_args(top_k, batch_size, workers, shard_size, phash_threshold, embed_threshold, min_prob, out)
+    ensure_writable_file_parent(out, "--out")  # LIST and LIST.work/ go there
     if not Path(teacher).exists():
         raise UserError(f"teacher '{teacher}' does not exist (mine needs a kdistill run folder or checkpoint)")
     ckpt = resolve_checkpoint(teacher)
