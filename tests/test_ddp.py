@@ -1,12 +1,18 @@
 """The same `kdistill train` under torchrun: 2 CPU processes with gloo."""
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from kdistill.models.checkpoint import read_meta
+import pytest
+import torch
 
-from conftest import ROOT
+from kdistill.models.checkpoint import load_state, read_meta
+
+from conftest import ROOT, make_folder
 
 
 def test_torchrun_two_cpu_processes(tiny_root, tmp_path):
@@ -24,3 +30,97 @@ def test_torchrun_two_cpu_processes(tiny_root, tmp_path):
     assert all(r["val.n"] == 24 for r in rows)  # each val image evaluated exactly once
     assert read_meta(out / "best.safetensors")["arch"] == "resnet8"
     assert proc.stdout.count("done:") == 1  # only rank 0 reports
+
+
+# ------------------------------------------------------------------ ranks stay in step
+# An unreadable batch on one rank only: every rank must still take part in the same
+# collectives (else DDP hangs) and the same accumulation windows.
+
+BATCH, SEED = 8, 5
+
+
+def _spoil(root, rank: int, batch: int, world: int = 2) -> None:
+    """Make every file of ``rank``'s ``batch``-th training batch of epoch 0 unreadable
+    (the same DistributedSampler order as kdistill's EpochLoader)."""
+    from torch.utils.data import DistributedSampler
+
+    from kdistill.data.datasets import open_source
+
+    source = open_source(str(root), "train")
+    sampler = DistributedSampler(range(len(source)), num_replicas=world, rank=rank, shuffle=True,
+                                 seed=SEED, drop_last=True)
+    sampler.set_epoch(0)
+    for i in list(sampler)[batch * BATCH:(batch + 1) * BATCH]:
+        Path(source.paths[i]).write_bytes(b"not an image")
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [d for c in map(int, children) for d in (c, *_descendants(c))]
+
+
+def _run_ranks(args: list[str], logs: Path, timeout: int) -> subprocess.CompletedProcess:
+    """torchrun 2 CPU ranks of this file's worker. A hang fails the test: torchrun and its
+    workers (each in a session of its own) are killed. Output goes to files, which orphans
+    cannot hold open."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(Path(__file__).resolve()), *args]
+    with open(logs / "stdout", "w") as out, open(logs / "stderr", "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=ROOT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(f"ranks hung (killed after {timeout} s): {(logs / 'stderr').read_text()[-1500:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, (logs / "stdout").read_text(),
+                                       (logs / "stderr").read_text())
+
+
+def test_rank_with_an_unreadable_batch_stays_in_step(tmp_path):
+    """accum_steps=2, 4 batches per rank: rank 1's batch 1 (the window's synchronising
+    step) and rank 0's batch 2 are all unreadable. Both ranks skip those two micro-batches
+    together, step twice in epoch 1, and end with the same weights."""
+    root = make_folder(tmp_path / "data", {"train": 24, "val": 2})
+    _spoil(root, rank=1, batch=1)
+    _spoil(root, rank=0, batch=2)
+    out = tmp_path / "run"
+    proc = _run_ranks([str(root), str(out), "train.accum_steps=2", "train.epochs=2"], tmp_path, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train.skipped"] == 8  # rank 0's 8 spoiled files (it logs its own)
+    assert load_state(out / "last.pt")["global_step"] == 4  # 2 windows per epoch, none lost
+
+
+def _worker(root: str, out: str, *overrides: str) -> None:
+    """One rank of ``kdistill train`` (resnet8, gloo) that saves its own parameters."""
+    from kdistill.config import Config, build_config
+    from kdistill.engine import distributed as dist
+    from kdistill.engine import run as run_mod
+    from kdistill.methods.supervised import Supervised
+
+    cfg = build_config(Config, overrides=[
+        f"data.root={root}", "model.name=resnet8", f"train.out={out}", f"train.batch_size={BATCH}",
+        f"train.seed={SEED}", "data.workers=0", "data.in_memory=no", "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]", "train.progress=false", "train.device=cpu", "train.amp=false",
+        "train.threads=1", *overrides])
+    ctx = run_mod.prepare(cfg)
+    method = Supervised(ctx.student, ctx.student_prep())
+    try:
+        run_mod.fit(ctx, method)
+        params = {n: p.detach().clone() for n, p in method.plain_student.named_parameters()}
+        torch.save(params, Path(out) / f"rank{dist.rank()}.pt")
+    finally:
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])

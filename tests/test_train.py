@@ -289,3 +289,25 @@ def test_trailing_partial_window_steps_and_the_schedule_counts_it(tmp_path):
     cosine = _trainer(tmp_path, *SGD_PLAIN, "optim.sched=cosine", "train.epochs=2", "train.accum_steps=4",
                       batches=batches).scheduler
     assert cosine.t_initial == 2 * 3
+
+
+def test_unreadable_batch_does_not_shift_accumulation_windows(tmp_path):
+    """accum_steps=2 and the 2nd batch all unreadable: windows stay {b0, -} and {b2, b3}."""
+    batches = [_batch(0), UNREADABLE, _batch(2), _batch(3)]
+    t = _trainer(tmp_path, *SGD_PLAIN, "train.accum_steps=2", batches=batches)
+    expected = _sgd_reference(t, [batches[:2], batches[2:]])
+    stats = t.train_epoch(0)
+    assert t.global_step == 2 and stats.images == 12 and len(stats.skipped) == 4
+    _assert_same_student(t, expected)
+
+
+def test_accumulation_averages_over_real_images(tmp_path):
+    """A window of a full batch (4 images) and a half-unreadable one (2 images): the step's
+    gradient is the mean over the 6 images, not the mean of the two batch means."""
+    half = {**_batch(1, n=2), "skipped": ["bad-0.png", "bad-1.png"]}
+    batches = [_batch(0), half]
+    t = _trainer(tmp_path, *SGD_PLAIN, "train.accum_steps=2", batches=batches)
+    expected = _sgd_reference(t, [batches])
+    t.train_epoch(0)
+    assert t.global_step == 1
+    _assert_same_student(t, expected)

@@ -236,7 +236,12 @@ class Trainer:
         return summary
 
     def train_epoch(self, epoch: int) -> EpochStats:
-        tc, oc = self.cfg.train, self.cfg.optim
+        """One epoch in windows of ``accum_steps`` batches, one optimizer step per window; the
+        epoch's last window may be shorter and steps too. Each step's gradient is the mean
+        over the window's readable images on all ranks. A batch without a readable image on
+        some rank is skipped by every rank together (its position in the window still
+        counts), so DDP collectives and accumulation windows stay in step across ranks."""
+        tc = self.cfg.train
         seed_everything(tc.seed * 1000 + epoch)
         self.train_loader.set_epoch(epoch)
         self.method.train()
@@ -248,63 +253,110 @@ class Trainer:
         bar = progress(n_batches, f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
+        window_images, synced = 0, False
         for i, batch in enumerate(self.train_loader):
             if i >= n_batches:
                 break
-            stats.skipped += batch["skipped"]
-            if "image" not in batch:
-                continue
-            batch = self._to_device(batch)
-            # windows of accum_steps batches; the epoch's last one may be shorter: it steps
-            # too, its loss scaled by its real size so the gradient is still an average
             start = i - i % tc.accum_steps
             window = min(tc.accum_steps, n_batches - start)
-            step_now = i == start + window - 1
-            sync = contextlib.ExitStack()
-            if not step_now:
-                for m in self.method.ddp_modules():
-                    sync.enter_context(m.no_sync())
-            with sync:
-                with self.autocast():
-                    out = self.method(batch)
-                loss = out["loss"]
-                if not torch.isfinite(loss.detach()):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
-                        f"The last good checkpoint ({self.out / 'last.pt'}) is intact: lower "
-                        "optim.lr, set optim.clip_grad, or turn off train.amp, then --resume")
-                self.scaler.scale(loss / window).backward()
-            if step_now:
-                if oc.clip_grad:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, oc.clip_grad)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
+            last = i == start + window - 1
+            stats.skipped += batch["skipped"]
+            batch = self._to_device(batch) if "image" in batch else None
+            n = 0 if batch is None else batch["image"].shape[0]
+            images, empty_ranks = self._count_images(n)
+            if empty_ranks == 0:
+                sync = contextlib.ExitStack()
+                if not last:
+                    for m in self.method.ddp_modules():
+                        sync.enter_context(m.no_sync())
+                with sync:
+                    with self.autocast():
+                        out = self.method(batch)
+                    loss = out["loss"]
+                    if not torch.isfinite(loss.detach()):
+                        raise TrainingError(
+                            f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
+                            f"The last good checkpoint ({self.out / 'last.pt'}) is intact: lower "
+                            "optim.lr, set optim.clip_grad, or turn off train.amp, then --resume")
+                    # a full batch weighs 1 / window; _optimizer_step rescales to the real mean
+                    self.scaler.scale(loss * (n / tc.batch_size) / window).backward()
+                window_images += images
+                synced = last
+                stats.images += n
+                for k, v in out.items():
+                    if k != "logits" and v.dim() == 0:
+                        sums[k] = sums.get(k, 0.0) + v.detach().float() * n
+                rate = stats.images / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
+                                img_s=f"{rate:.0f}", refresh=False)
+            if last:
+                if window_images:
+                    self._optimizer_step(params, window_images, tc.batch_size * window * dist.world_size(),
+                                         synced)
                 self.optimizer.zero_grad(set_to_none=True)
-                self.global_step += 1
-                if self.scheduler is not None:
-                    self.scheduler.step_update(num_updates=self.global_step)
-                if self.ema is not None:
-                    self.ema.update(self.method.plain_student, step=self.global_step)
-                self.method.after_step()
-            n = batch["image"].shape[0]
-            stats.images += n
-            for k, v in out.items():
-                if k != "logits" and v.dim() == 0:
-                    sums[k] = sums.get(k, 0.0) + v.detach().float() * n
-            rate = stats.images / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{rate:.0f}", refresh=False)
+                window_images, synced = 0, False
             bar.update(1)
         bar.close()
         if self.scheduler is not None:
             self.scheduler.step(epoch + 1)
         stats.seconds = time.perf_counter() - t0
-        if sums:
+        if sums:  # every rank ran the same micro-batches, so every rank has terms here
             keys = sorted(sums)
-            avg = dist.all_reduce_mean(torch.stack([sums[k] for k in keys]) / max(stats.images, 1))
-            stats.terms = {k: float(v) for k, v in zip(keys, avg)}
+            total = dist.all_reduce_sum(torch.stack([*(sums[k] for k in keys),
+                                                     torch.tensor(float(stats.images), device=self.device)]))
+            stats.terms = {k: float(v) for k, v in zip(keys, total[:-1] / total[-1].clamp_min(1))}
         return stats
+
+    def _count_images(self, n: int) -> tuple[int, int]:
+        """-> (readable images of this micro-batch over all ranks, ranks that have none)."""
+        if not dist.is_distributed():
+            return n, int(n == 0)
+        counts = dist.all_reduce_sum(torch.tensor([n, int(n == 0)], device=self.device))
+        images, empty = counts.tolist()
+        return int(images), int(empty)
+
+    def _optimizer_step(self, params: list[nn.Parameter], images: int, nominal: int, synced: bool) -> None:
+        """Step on the window's gradients, accumulated as the sum over its micro-batches of
+        ``loss * n / batch_size / window`` (``nominal`` images when all are full): rescaled
+        by ``nominal / images`` they are the mean over the ``images`` readable images of the
+        window on all ranks. ``synced``: DDP averaged them over ranks in the window's last
+        backward; when every rank skipped that micro-batch, they are averaged here."""
+        oc = self.cfg.optim
+        if not synced and self.method.ddp_modules():
+            self._all_reduce_grads(params)
+        if images != nominal:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(nominal / images)
+        if oc.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, oc.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.global_step += 1
+        if self.scheduler is not None:
+            self.scheduler.step_update(num_updates=self.global_step)
+        if self.ema is not None:
+            self.ema.update(self.method.plain_student, step=self.global_step)
+        self.method.after_step()
+
+    def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
+        """Average gradients over ranks as DDP does: a parameter with a gradient on any rank
+        gets the mean (zeros where a rank has none); the others stay without one."""
+        has = dist.all_reduce_sum(torch.tensor([int(p.grad is not None) for p in params], device=self.device))
+        grads = []
+        for p, h in zip(params, has.tolist()):
+            if h:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        if not grads:
+            return
+        flat = dist.all_reduce_mean(torch.cat([g.flatten().float() for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def _to_device(self, batch: dict) -> dict:
         """Tensors to the device; images (and a teacher's own view) to float [0, 1]."""
@@ -318,7 +370,8 @@ class Trainer:
             if len(x) % 2:  # timm's batch mixup pairs images: drop one of an odd batch
                 batch = {k: v[:-1] if torch.is_tensor(v) else v for k, v in batch.items()}
                 x, y = batch["image"], batch["target"]
-            batch["image"], batch["target"] = self.mixer(x, y)
+            if len(x):  # a lone image is dropped: the batch then counts as empty
+                batch["image"], batch["target"] = self.mixer(x, y)
         return batch
 
     def validate(self) -> EvalResult:
