@@ -6,6 +6,7 @@ import copy
 import json
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -16,7 +17,7 @@ from ..losses import LOSSES, Shapes, build_loss
 from ..methods.distill import Distill, LossBank, TermSpec, self_teacher
 from ..methods.teachers import TeacherSet, load_teacher
 from ..models.hooks import FeatureCapture, pair_layers
-from ..utils import write_json
+from ..utils import resolve_device, write_json
 from . import distributed as dist
 from .callbacks import log
 from .evaluate import Agreement
@@ -217,7 +218,23 @@ def born_again(cfg: DistillConfig) -> dict:
     """Born-again networks (Furlanello et al., ICML 2018): generation g+1 is distilled from
     generation g, each in ``<out>/gen<g>``; generation 1 learns from ``distill.teachers`` or,
     without one, from the labels alone. Finished generations are reused, an interrupted one
-    resumed; the last generation's checkpoints are copied to ``<out>``."""
+    resumed; the last generation's checkpoints are copied to ``<out>``. Under torchrun all
+    generations share one process group and rank 0 alone writes the top-level files."""
+    with dist.one_group(resolve_device(cfg.train.device)):
+        return _born_again(cfg)
+
+
+def _finished(out: Path, epochs: int) -> tuple[dict | None, bool]:
+    """Rank 0's view, on every rank, of generation folder ``out``: (its summary if finished
+    with ``epochs`` epochs, whether it can be resumed). Ranks that disagreed would hang."""
+    done = None
+    if dist.is_main() and (out / "summary.json").is_file():
+        done = json.loads((out / "summary.json").read_text())
+        done = done if done.get("epochs") == epochs else None
+    return dist.broadcast_object((done, (out / "last.pt").exists()))
+
+
+def _born_again(cfg: DistillConfig) -> dict:
     out = run_folder(cfg)
     teachers = list(cfg.distill.teachers)
     rows = []
@@ -226,13 +243,12 @@ def born_again(cfg: DistillConfig) -> dict:
         gcfg.train.out = str(out / f"gen{g}")
         gcfg.distill.self_distill = "none"
         gcfg.distill.teachers = teachers
-        summary_path = out / f"gen{g}" / "summary.json"
-        done = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-        if done and done.get("epochs") == cfg.train.epochs:
+        done, resume = _finished(out / f"gen{g}", cfg.train.epochs)
+        if done:
             log(f"[gen{g}] reusing finished generation")
             summary = done
         else:
-            gcfg.train.resume = (out / f"gen{g}" / "last.pt").exists()
+            gcfg.train.resume = resume
             log(f"[gen{g}] {'distilling from ' + ', '.join(teachers) if teachers else 'training on labels'}")
             if teachers:
                 summary = distill(gcfg)
@@ -248,4 +264,5 @@ def born_again(cfg: DistillConfig) -> dict:
                 shutil.copyfile(last / name, out / name)
         summary = {**summary, "out": str(out), "generations": rows}
         write_json(out / "summary.json", summary)
+    dist.barrier()  # no rank returns before the run folder is complete
     return summary

@@ -1,7 +1,9 @@
 """torchrun / DistributedDataParallel helpers (nccl on CUDA, gloo on CPU)."""
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as td
@@ -29,17 +31,44 @@ def launched_by_torchrun() -> bool:
 
 
 def init(device: torch.device) -> torch.device:
-    """Join the process group when started by torchrun; returns this rank's device."""
-    if not launched_by_torchrun() or is_distributed():
+    """Join the process group when started by torchrun; returns this rank's device
+    (also when the group is already up, e.g. held by :func:`one_group`)."""
+    if not launched_by_torchrun():
         return device
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if is_distributed():
+        return device
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         td.init_process_group("nccl", device_id=device)
     else:
         td.init_process_group("gloo")
     return device
+
+
+_held = 0  # open one_group() blocks; while > 0, cleanup() leaves the group up
+
+
+@contextlib.contextmanager
+def one_group(device: torch.device) -> Iterator[torch.device]:
+    """One process group for a command of several stages (ssld, born-again generations).
+
+    Each stage joins with :func:`init` and leaves with :func:`cleanup`; inside this block
+    the group stays up between them and is destroyed at the end (if this block made it).
+    Destroying and re-creating the default group under torchrun reuses the first group's
+    rendezvous keys in the agent's store, so ranks may dial each other's closed ports: the
+    second stage hangs or fails with 'Connection refused' / 'Connection closed by peer'."""
+    global _held
+    owner = launched_by_torchrun() and not is_distributed()
+    device = init(device)
+    _held += 1
+    try:
+        yield device
+    finally:
+        _held -= 1
+        if owner and not _held:
+            cleanup()
 
 
 def barrier() -> None:
@@ -48,7 +77,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    if is_distributed():
+    """Leave the process group (unless a :func:`one_group` block holds it)."""
+    if is_distributed() and not _held:
         td.destroy_process_group()
 
 

@@ -13,14 +13,17 @@ val metrics closes the run (``<out>/ssld.md``, ``<out>/summary.json``).
 from __future__ import annotations
 
 import copy
+import functools
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import _check
 from ..errors import UserError
 from ..mining.dedup import EMBED_THRESHOLD, PHASH_THRESHOLD
-from ..utils import atomic_write_text, write_json
+from ..utils import atomic_write, atomic_write_text, resolve_device, write_json
+from . import distributed as dist
 from .callbacks import log
 from .distill import DistillConfig, distill
 from .run import run_folder
@@ -64,12 +67,14 @@ def _done(out: Path, epochs: int) -> dict | None:
 
 
 def _stage(cfg: DistillConfig, out: Path, name: str) -> dict:
-    done = _done(out, cfg.train.epochs)
+    # every rank takes rank 0's decision: a rank that reuses while another trains would hang
+    done = _done(out, cfg.train.epochs) if dist.is_main() else None
+    done, resume = dist.broadcast_object((done, (out / "last.pt").exists()))
     if done:
         log(f"[{name}] reusing finished stage {out}")
         return done
     cfg.train.out = str(out)
-    cfg.train.resume = (out / "last.pt").exists()
+    cfg.train.resume = resume
     log(f"[{name}] {'resuming' if cfg.train.resume else 'starting'} {out}")
     return distill(cfg)
 
@@ -96,6 +101,13 @@ def _check_teacher_classes(cfg: SSLDConfig, teacher: str) -> None:
 
 
 def ssld(cfg: SSLDConfig) -> dict:
+    """Run (or resume) the three stages; under torchrun every rank runs each stage and rank 0
+    alone writes the table, the summary and the final copies."""
+    with dist.one_group(resolve_device(cfg.train.device)):
+        return _ssld(cfg)
+
+
+def _ssld(cfg: SSLDConfig) -> dict:
     from ..mining import mine
 
     sc = cfg.ssld
@@ -108,9 +120,12 @@ def ssld(cfg: SSLDConfig) -> dict:
     _check_teacher_classes(cfg, teacher)
     mined = out / "mine" / "mined.txt"
     summary_path = Path(str(mined) + ".summary.json")
-    if summary_path.is_file() and mined.is_file():
-        log(f"[mine] reusing {mined}")
+    mine_summary = None
+    if summary_path.is_file() and mined.is_file() and dist.is_main():
         mine_summary = json.loads(summary_path.read_text())
+    mine_summary = dist.broadcast_object(mine_summary)
+    if mine_summary is not None:
+        log(f"[mine] reusing {mined}")
     else:
         mined.parent.mkdir(parents=True, exist_ok=True)
         dedup = sc.dedup_against or default_dedup(cfg.data.root)
@@ -148,15 +163,15 @@ def ssld(cfg: SSLDConfig) -> dict:
         b = s.get("best") or {}
         lines.append(f"| {name} | - | {b.get('top1', float('nan')):.4f} | {b.get('mpa', float('nan')):.4f} |")
     table = "\n".join(lines)
-    print(table)
-    atomic_write_text(out / "ssld.md", table + "\n")
     final = {**rows[-1][1], "out": str(out), "stages": {"mine": mine_summary,
                                                        **{n: s for n, s in rows}}}
-    write_json(out / "summary.json", final)
-    final_dir = out / ("finetune" if sc.finetune_epochs > 0 else "distill")
-    for name in ("best.safetensors", "last.safetensors"):
-        if (final_dir / name).is_file():
-            import shutil
-
-            shutil.copyfile(final_dir / name, out / name)
+    if dist.is_main():
+        print(table)
+        atomic_write_text(out / "ssld.md", table + "\n")
+        write_json(out / "summary.json", final)
+        final_dir = out / ("finetune" if sc.finetune_epochs > 0 else "distill")
+        for name in ("best.safetensors", "last.safetensors"):
+            if (final_dir / name).is_file():
+                atomic_write(out / name, functools.partial(shutil.copyfile, final_dir / name))
+    dist.barrier()  # no rank returns before the run folder is complete
     return final
