@@ -200,8 +200,11 @@ def train_views(ctx: RunContext, sd: DistillSection, teachers: TeacherSet | None
 
 
 @torch.no_grad()
-def teacher_table(ctx: RunContext, teachers: TeacherSet) -> torch.Tensor:
-    """View 'fixed': the teacher's logits on every training image's centre crop, once (fp16)."""
+def teacher_table(ctx: RunContext, teachers: TeacherSet,
+                  chunk_bytes: int = dist.REDUCE_CHUNK_BYTES) -> torch.Tensor:
+    """View 'fixed': the teacher's logits on every training image's centre crop, once (fp16,
+    on the host). Under torchrun each rank scores a shard; the shards are summed over ranks
+    ``chunk_bytes`` of fp32 at a time on the device."""
     from ..data.loader import eval_dataset, eval_loader
 
     pp = teachers.teachers[0].preprocessing
@@ -211,7 +214,7 @@ def teacher_table(ctx: RunContext, teachers: TeacherSet) -> torch.Tensor:
     for batch in loader:
         if "image" in batch:
             table[batch["index"]] = teachers(batch["image"].to(ctx.device).float().div_(255)).half().cpu()
-    return dist.all_reduce_sum(table.float().to(ctx.device)).half().cpu()  # each rank scored a shard
+    return dist.all_reduce_sum_chunked(table, ctx.device, chunk_bytes)  # rows of other ranks are 0
 
 
 def born_again(cfg: DistillConfig) -> dict:
