@@ -132,6 +132,36 @@ def test_ssld_command_runs_stages_and_reuses_them(tiny_root, trained_run, tmp_pa
     assert "reusing" in capsys.readouterr().err
 
 
+def test_ssld_config_yamls_repeat_the_run_and_its_stages(tiny_root, trained_run, tmp_path):
+    """<out>/config.yaml is the SSLD config (`kdistill ssld -c` repeats the recipe); each
+    stage's config.yaml is a distill config (`kdistill distill -c` repeats the stage)."""
+    from kdistill.config import load_yaml
+
+    def same_run(a, b):
+        ya, yb = load_yaml(a), load_yaml(b)
+        ya["train"].pop("out"), yb["train"].pop("out")
+        return ya == yb
+
+    pool = make_folder(tmp_path / "pool", {"p": 4}, seed=11) / "p"
+    out, again = tmp_path / "ssld", tmp_path / "again"
+    assert main(["ssld", "--data", str(tiny_root), "--teacher", str(trained_run), "--pool", str(pool),
+                 "--top-k", "2", "--model", "resnet8", "--epochs", "1", "--finetune-epochs", "1",
+                 "--out", str(out), *TRAIN_ARGS, "-o", "ssld.phash_threshold=-1",
+                 "-o", "ssld.embed_threshold=2"]) == 0
+    for stage in ("distill", "finetune"):
+        written = out / stage / "config.yaml"
+        assert "ssld" not in load_yaml(written)
+        assert main(["distill", "-c", str(written), "--out", str(again / stage), "--epochs", "1"]) == 0
+        assert same_run(written, again / stage / "config.yaml")
+    assert main(["ssld", "-c", str(out / "config.yaml"), "--out", str(again / "top"), "--epochs", "1"]) == 0
+    assert same_run(out / "config.yaml", again / "top" / "config.yaml")
+    mined = [(out if i == 0 else again / "top") / "mine" / "mined.txt" for i in range(2)]
+    assert [len(m.read_text().splitlines()) for m in mined] == [6, 6]  # top-2 of 3 classes
+    top_distill = load_yaml(again / "top" / "distill" / "config.yaml")
+    assert top_distill["data"]["unlabeled"] == str(again / "top" / "mine" / "mined.txt")
+    assert (again / "top" / "summary.json").is_file()
+
+
 def test_ssld_refuses_a_teacher_over_other_classes(tiny_root, tmp_path):
     other = make_folder(tmp_path / "other", {"train": 6, "val": 2}, classes=["x", "y", "z"])
     teacher = tmp_path / "t"

@@ -3,6 +3,7 @@ feature capture, adapters sized by a dry forward pass), and born-again generatio
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import Config, _check
+from ..config import Config, _check, dump_yaml
 from ..errors import UserError
 from ..losses import LOSSES, Shapes, build_loss
 from ..methods.distill import Distill, LossBank, TermSpec, self_teacher
@@ -217,6 +218,12 @@ def teacher_table(ctx: RunContext, teachers: TeacherSet,
     return dist.all_reduce_sum_chunked(table, ctx.device, chunk_bytes)  # rows of other ranks are 0
 
 
+def narrow(cfg: Config, cls: type[Config]) -> Config:
+    """``cfg`` as a ``cls``, a base class of its type: the sections other than ``cls``'s are
+    dropped, so that the config.yaml a stage writes is one its own command reads back."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+
 def born_again(cfg: DistillConfig) -> dict:
     """Born-again networks (Furlanello et al., ICML 2018): generation g+1 is distilled from
     generation g, each in ``<out>/gen<g>``; generation 1 learns from ``distill.teachers`` or,
@@ -239,6 +246,9 @@ def _finished(out: Path, epochs: int) -> tuple[dict | None, bool]:
 
 def _born_again(cfg: DistillConfig) -> dict:
     out = run_folder(cfg)
+    if dist.is_main():  # `kdistill distill -c <out>/config.yaml` repeats every generation
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
     teachers = list(cfg.distill.teachers)
     rows = []
     for g in range(1, cfg.distill.generations + 1):
@@ -253,10 +263,9 @@ def _born_again(cfg: DistillConfig) -> dict:
         else:
             gcfg.train.resume = resume
             log(f"[gen{g}] {'distilling from ' + ', '.join(teachers) if teachers else 'training on labels'}")
-            if teachers:
-                summary = distill(gcfg)
-            else:
-                summary = train(gcfg)
+            # without a teacher, generation 1 is a plain `kdistill train` run, and its
+            # config.yaml a train config (`kdistill train -c` refuses a distill section)
+            summary = distill(gcfg) if teachers else train(narrow(gcfg, Config))
         rows.append({"generation": g, "teacher": teachers[0] if teachers else None,
                      "best": summary.get("best", {})})
         teachers = [str(out / f"gen{g}")]

@@ -19,13 +19,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import _check
+from ..config import _check, dump_yaml
 from ..errors import UserError
 from ..mining.dedup import EMBED_THRESHOLD, PHASH_THRESHOLD
 from ..utils import atomic_write, atomic_write_text, resolve_device, write_json
 from . import distributed as dist
 from .callbacks import log
-from .distill import DistillConfig, distill
+from .distill import DistillConfig, distill, narrow
 from .run import run_folder
 
 
@@ -116,6 +116,9 @@ def _ssld(cfg: SSLDConfig) -> dict:
     if len(cfg.distill.teachers) != 1:
         raise UserError("ssld mines with exactly one --teacher")
     out = run_folder(cfg)
+    if dist.is_main():  # `kdistill ssld -c <out>/config.yaml` repeats the recipe
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
     teacher = cfg.distill.teachers[0]
     _check_teacher_classes(cfg, teacher)
     mined = out / "mine" / "mined.txt"
@@ -140,14 +143,15 @@ def _ssld(cfg: SSLDConfig) -> dict:
                         f"({mine_summary['duplicates_removed']} near-copies of evaluation images, "
                         f"{mine_summary['skipped']} unreadable); see {mined}.dedup.csv")
 
-    dcfg = copy.deepcopy(cfg)
+    # stages are distill runs: their config.yaml drops the ssld section (`kdistill distill -c`)
+    dcfg = narrow(copy.deepcopy(cfg), DistillConfig)
     dcfg.data.unlabeled, dcfg.data.unlabeled_fraction = str(mined), sc.unlabeled_fraction
     dcfg.distill.losses = list(sc.losses)
     distilled = _stage(dcfg, out / "distill", "distill")
 
     rows = [("distill (labeled + mined)", distilled)]
     if sc.finetune_epochs > 0:
-        fcfg = copy.deepcopy(cfg)
+        fcfg = narrow(copy.deepcopy(cfg), DistillConfig)
         fcfg.train.epochs, fcfg.optim.lr, fcfg.optim.warmup_epochs = sc.finetune_epochs, sc.finetune_lr, 0
         fcfg.model.checkpoint = str(out / "distill")
         fcfg.distill.losses = list(sc.finetune_losses)
