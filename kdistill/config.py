@@ -1,8 +1,8 @@
 """Typed run configuration: dataclasses, YAML files and dotted ``-o key=value`` overrides.
 
 Precedence, lowest first: dataclass defaults < ``-c FILE`` (YAML) < command-line flags <
-``-o key=value``. The resolved config is written to ``<out>/config.yaml`` and
-``kdistill train -c <out>/config.yaml`` repeats the run.
+``-o key=value``. The resolved config is written to ``<out>/config.yaml``; the command
+that made the run repeats it with ``-c <out>/config.yaml``.
 """
 from __future__ import annotations
 

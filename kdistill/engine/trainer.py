@@ -81,9 +81,6 @@ class Trainer:
         self.meta = meta or {}
         self.eval_hook = eval_hook
         tc = cfg.train
-        steps = len(train_loader) if tc.max_steps_per_epoch is None else min(len(train_loader), tc.max_steps_per_epoch)
-        self.updates_per_epoch = max(steps // tc.accum_steps, 1)
-        self.steps_per_epoch = self.updates_per_epoch * tc.accum_steps
         self.precision = precision_.resolve(device, tc.amp, tc.amp_dtype)
         log(f"precision: {self.precision.name} ({self.precision.reason})")
         if self.precision.warning:
@@ -323,7 +320,7 @@ class Trainer:
         backward; when every rank skipped that micro-batch, they are averaged here."""
         oc = self.cfg.optim
         if not synced and self.method.ddp_modules():
-            self._all_reduce_grads(params)
+            dist.all_reduce_grads_mean(params)
         if images != nominal:
             for p in params:
                 if p.grad is not None:
@@ -339,24 +336,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.method.plain_student, step=self.global_step)
         self.method.after_step()
-
-    def _all_reduce_grads(self, params: list[nn.Parameter]) -> None:
-        """Average gradients over ranks as DDP does: a parameter with a gradient on any rank
-        gets the mean (zeros where a rank has none); the others stay without one."""
-        has = dist.all_reduce_sum(torch.tensor([int(p.grad is not None) for p in params], device=self.device))
-        grads = []
-        for p, h in zip(params, has.tolist()):
-            if h:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad)
-        if not grads:
-            return
-        flat = dist.all_reduce_mean(torch.cat([g.flatten().float() for g in grads]))
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def _to_device(self, batch: dict) -> dict:
         """Tensors to the device; images (and a teacher's own view) to float [0, 1]."""
