@@ -195,6 +195,18 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) in (Union, types.UnionType):  # e.g. bool | Literal["auto"]
+        values, kinds = [], []
+        for arg in typing.get_args(tp):
+            if arg is type(None):
+                values.append("null")
+            elif arg is bool:
+                values += ["true", "false"]
+            elif typing.get_origin(arg) is Literal:
+                values += map(str, typing.get_args(arg))
+            else:
+                kinds.append(_type_name(arg))
+        return " or ".join(kinds + ([", ".join(values)] if kinds else [f"one of {', '.join(values)}"]))
     return str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__
 
 
