@@ -89,6 +89,7 @@ def test_out_checked_before_any_work(command, tiny_root, trained_run, demo_root,
 def test_eval_default_report_folder_unwritable(tiny_root, trained_run, tmp_path):
     """Without --report, eval writes eval-<split>/ beside the checkpoint: checked too."""
     run = shutil.copytree(trained_run, tmp_path / "run")
+    shutil.rmtree(run / "eval-test", ignore_errors=True)  # an earlier test may have evaluated it
     (run / "eval-test").write_text("a file where the report folder would go\n")
     proc = run_cli("eval", str(run), "--data", str(tiny_root), "--split", "test", "--workers", "0")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
