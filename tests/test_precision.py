@@ -113,12 +113,12 @@ def test_run_records_the_precision_it_used_and_keeps_auto(tiny_root, tmp_path, n
 
 def test_recipes_and_demo_use_auto():
     from kdistill.config import RECIPES
-    from kdistill.demo import FULL, demo_config
+    from kdistill.demo import FULL, arms, demo_config
 
     for path in RECIPES.rglob("*.yaml"):
         assert (yaml.safe_load(path.read_text()).get("train") or {}).get("amp", "auto") == "auto", path
-    cfg = demo_config(Path("/tmp/x"), "fashion-mnist", "resnet8", 1, {**FULL, "progress": False}, [])
-    assert cfg.train.amp == "auto"
+    for arm in arms(FULL, Path("/tmp/x")):
+        assert demo_config(Path("/tmp/x"), "fashion-mnist", arm, {**FULL, "progress": False}, []).train.amp == "auto"
 
 
 def test_a_run_saved_without_a_scaler_resumes_under_fp16(tiny_root, tmp_path):
