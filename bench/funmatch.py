@@ -35,33 +35,18 @@ def cache(views: int, k: int = 10, mix: bool = False) -> Path:
 
 def throughput(steps: int) -> dict:
     """Images/s of student-only training, online KD and KD from the cache, interleaved."""
-    from throughput import alternate, kdistill_loop
+    from throughput import alternate, distill_trainer, kdistill_loop
 
     memoize_splits()
-
-    from kdistill.cli import build_parser, distill_config
-    from kdistill.data.loader import EpochLoader, train_dataset
-    from kdistill.engine.distill import build_method, train_views
-    from kdistill.engine.run import prepare
-    from kdistill.engine.trainer import Trainer
-
     sl = cache(1)
     none = ["-o", "distill.teachers=[]"]
     arms = {"student only": [*none, "--loss", "ce"],
             "online KD": ["--teacher", str(TEACHER)], "KD from cache": [*none, "--soft-labels", str(sl)]}
 
     def factory(extra):
-        def make():
-            args = ["distill", "-c", KD, "--data", CIFAR, "--out", str(WORK / "tp"), "--resume", "--no-progress",
-                    "-o", f"train.max_steps_per_epoch={steps}", "-o", "distill.agreement=false", *extra]
-            cfg = distill_config(build_parser().parse_args(args))
-            ctx = prepare(cfg)
-            method, crop = build_method(ctx, cfg.distill)
-            ds = train_views(ctx, cfg.distill, method.teachers, crop) or train_dataset(
-                cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
-            loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed)
-            return Trainer(cfg, method, loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)
-        return make
+        return lambda: distill_trainer(
+            ["distill", "-c", KD, "--data", CIFAR, "--out", str(WORK / "tp"), "--resume", "--no-progress",
+             "-o", f"train.max_steps_per_epoch={steps}", "-o", "distill.agreement=false", *extra])
 
     best = alternate({name: (lambda e=extra: kdistill_loop(factory(e))) for name, extra in arms.items()}, rounds=2)
     return {**best, "cached / online": best["KD from cache"] / best["online KD"],

@@ -3,10 +3,26 @@
 Both loops decode nothing per step (the same in-RAM uint8 images), apply the same
 augmentation (pad-and-crop + flip), the same AMP / channels_last settings and the same SGD
 update; the ratio kdistill / plain is the cost of kdistill's loop machinery.
+
+    .venv/bin/python bench/throughput.py [--steps 40] [--amp auto|true|false]
+    .venv/bin/python bench/throughput.py --baseline-src /path/to/older/checkout
+
+Arms, interleaved over rounds (best of each kept): resnet20 alone and KD from a resnet56
+(randomly initialised: speed does not depend on the weights), each in kdistill's Trainer and
+in the plain loop, each measurement in a fresh process. ``--baseline-src`` also times the
+kdistill arms of another checkout (that tree first on ``sys.path``), so a change can be
+checked to be no slower.
+Results: bench/results/throughput.json and the "throughput" section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -73,3 +89,150 @@ def alternate(fns: dict[str, Callable[[], float]], rounds: int = 2) -> dict[str,
             print(f"  {name}: {v:.0f} img/s", flush=True)
             best[name] = max(best.get(name, 0.0), v)
     return best
+
+
+# ---------------------------------------------------------------- the benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+TRAIN_IMAGES = 10000  # decoded once per process; more than one capped epoch needs
+
+
+def _cfg_args(arm: str, steps: int, amp: str, teacher: Path) -> list[str]:
+    from common import CACHE, CIFAR
+
+    recipe = Path(__file__).resolve().parent.parent / "kdistill/configs/cifar/kd_resnet56_resnet20.yaml"
+    args = ["distill", "-c", str(recipe), "--data", CIFAR, "--out", str(CACHE / "throughput" / arm),
+            "--resume", "--no-progress", "-o", f"train.max_steps_per_epoch={steps}", "-o", "distill.agreement=false",
+            "-o", f"data.max_train_images={TRAIN_IMAGES}", "-o", "data.max_val_images=128", "-o", f"train.amp={amp}"]
+    return args + (["--teacher", str(teacher)] if arm == "kd" else ["-o", "distill.teachers=[]", "--loss", "ce"])
+
+
+def distill_trainer(argv: list[str]):
+    """The Trainer that ``kdistill ARGV`` (a distill command) would run, with no val loader."""
+    from kdistill.cli import build_parser, distill_config
+    from kdistill.data.loader import EpochLoader, train_dataset
+    from kdistill.engine.distill import build_method, train_views
+    from kdistill.engine.run import prepare
+    from kdistill.engine.trainer import Trainer
+
+    cfg = distill_config(build_parser().parse_args(argv))
+    ctx = prepare(cfg)
+    method, crop = build_method(ctx, cfg.distill)
+    ds = train_views(ctx, cfg.distill, method.teachers, crop) or train_dataset(
+        cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
+    loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed)
+    return Trainer(cfg, method, loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)
+
+
+def kdistill_arm(arm: str, steps: int, amp: str, teacher: Path) -> float:
+    """Images/s of one capped epoch of kdistill's Trainer: ``student`` (CE) or ``kd``."""
+    return kdistill_loop(lambda: distill_trainer(_cfg_args(arm, steps, amp, teacher)))
+
+
+def plain_arm(arm: str, steps: int, amp: str, teacher: Path) -> float:
+    from kdistill.engine import precision
+    from kdistill.engine.run import prepare
+    from kdistill.cli import build_parser, distill_config
+    from kdistill.models import create_model
+    from kdistill.models.checkpoint import load_model
+
+    cfg = distill_config(build_parser().parse_args(_cfg_args("student", steps, amp, teacher)))
+    ctx = prepare(cfg)
+    bf16 = precision.resolve(ctx.device, cfg.train.amp, "bf16").dtype is torch.bfloat16
+    student = create_model("resnet20", 10).to(memory_format=torch.channels_last)
+    t = None
+    if arm == "kd":
+        t = load_model(str(teacher))[0].eval().to(memory_format=torch.channels_last)
+    pp = ctx.preprocessing
+    return plain_loop(ctx.splits.train, student, pp.mean, pp.std, steps, cfg.train.batch_size,
+                      cfg.data.workers, amp=bf16, teacher=t)
+
+
+def fresh_process(loop: str, arm: str, steps: int, amp: str, src: str | None = None) -> float:
+    """One measurement in a new process (every arm starts alike: no allocator or thread-pool
+    state left by the others), with the kdistill package from ``src`` (default: this tree)."""
+    src = src or str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, __file__, "--one", loop, arm, "--steps", str(steps), "--amp", amp]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["img_s"]
+
+
+def _commit(src: str | None) -> str | None:
+    if not src:
+        return None
+    out = subprocess.run(["git", "-C", src, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+def random_teacher() -> Path:
+    """A resnet56 run folder (1 step of training: weights do not matter for speed)."""
+    from common import CACHE, CIFAR, kdistill
+
+    out = CACHE / "throughput" / "teacher-resnet56"
+    if not (out / "best.safetensors").is_file():
+        kdistill("train", "--data", CIFAR, "--model", "resnet56", "--epochs", "1", "--out", str(out), "--no-progress",
+                 "-o", "train.max_steps_per_epoch=1", "-o", f"data.max_train_images={TRAIN_IMAGES}",
+                 "-o", "data.max_val_images=128", *(["--resume"] if (out / "last.pt").exists() else []))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--amp", default="auto", choices=["auto", "true", "false"])
+    ap.add_argument("--baseline-src", help="another checkout whose kdistill package to time beside this one")
+    ap.add_argument("--one", nargs=2, metavar=("LOOP", "ARM"), help=argparse.SUPPRESS)  # fresh_process
+    args = ap.parse_args()
+    from common import memoize_splits
+
+    memoize_splits()
+    teacher = random_teacher()
+    if args.one:
+        loop, arm = args.one
+        print(json.dumps({"img_s": (kdistill_arm if loop == "kdistill" else plain_arm)(arm, args.steps, args.amp,
+                                                                                        teacher)}))
+        return
+    from common import machine, save_result, today, update_section
+    from kdistill.engine import precision
+
+    asked = args.amp
+    prec = precision.resolve(torch.device("cpu"), {"true": True, "false": False}.get(args.amp, "auto"))
+    args.amp = "true" if prec.dtype is not None else "false"  # explicit, so an older checkout reads it too
+    fns = {}
+    for arm in ("student", "kd"):
+        fns[f"{arm}: kdistill"] = lambda a=arm: fresh_process("kdistill", a, args.steps, args.amp)
+        fns[f"{arm}: plain"] = lambda a=arm: fresh_process("plain", a, args.steps, args.amp)
+        if args.baseline_src:
+            fns[f"{arm}: kdistill baseline"] = lambda a=arm: fresh_process("kdistill", a, args.steps, args.amp,
+                                                                            args.baseline_src)
+    best = alternate(fns, rounds=args.rounds)
+    result = {"date": today(), "machine": machine(), "cpu_capability": precision.cpu_capability(),
+              "precision": prec.name, "steps": args.steps, "rounds": args.rounds, "img_s": best,
+              "baseline_src": args.baseline_src, "baseline_commit": _commit(args.baseline_src)}
+    save_result("throughput", result)
+    lines = ["## Training loop throughput (CIFAR-10)", "",
+             f"Measured {today()} on {machine()}, CPU capability {result['cpu_capability']}, "
+             f"precision {prec.name}, by `python bench/throughput.py --amp {asked} --steps {args.steps}"
+             + (" --baseline-src OLD_CHECKOUT" if args.baseline_src else "") + "`: batch 128, channels_last, "
+             f"{args.steps} steps, best of {args.rounds} interleaved rounds, each in a fresh process, CIFAR-10 "
+             "decoded in RAM; the KD teacher is an untrained resnet56 (speed does not depend on weights)"
+             + (f"; baseline: kdistill at commit {result['baseline_commit']}" if args.baseline_src else "")
+             + ".", "",
+             "| arm | kdistill img/s | plain PyTorch loop img/s | kdistill / plain |"
+             + (" baseline kdistill img/s | this / baseline |" if args.baseline_src else ""),
+             "|---|---|---|---|" + ("---|---|" if args.baseline_src else "")]
+    for arm, label in (("student", "resnet20 alone"), ("kd", "KD resnet56 -> resnet20")):
+        k, p = best[f"{arm}: kdistill"], best[f"{arm}: plain"]
+        row = f"| {label} | {k:.0f} | {p:.0f} | {k / p:.2f} |"
+        if args.baseline_src:
+            b = best[f"{arm}: kdistill baseline"]
+            row += f" {b:.0f} | {k / b:.2f} |"
+        lines.append(row)
+    update_section("throughput", "\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
