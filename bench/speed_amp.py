@@ -60,8 +60,11 @@ def main() -> None:
             print(f"{name} {'bf16' if amp else 'fp32'} {'channels_last' if cl else 'NCHW'}: {r:.0f} img/s "
                   f"({r / base:.2f}x)", flush=True)
     save_result("speed_amp", {"date": today(), "machine": machine(), "batch": args.batch, "rows": rows})
-    lines = [f"Measured {today()} on {machine()} by `python bench/speed_amp.py` (train step, batch "
-             f"{args.batch}, random 32 px inputs):", "",
+    from kdistill.engine import precision
+
+    native = "native bf16" if precision.cpu_native_bf16() else "no native bf16: bf16 is emulated"
+    lines = [f"Measured {today()} on {machine()}, CPU capability {precision.cpu_capability()} ({native}), "
+             f"by `python bench/speed_amp.py` (train step, batch {args.batch}, random 32 px inputs):", "",
              "| model | precision | layout | img/s | vs fp32 NCHW |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {'bf16 autocast' if r['amp'] else 'fp32'} | "
