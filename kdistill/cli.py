@@ -78,20 +78,31 @@ def train_config(args: argparse.Namespace, cls=None, extra_flags: dict | None = 
 # ------------------------------------------------------------------ subcommands
 
 
-def checked_run_folder(cfg):
-    """Fix the run folder once (default runs/<model>-<time>) and check it can be written,
-    before any data, model or teacher is loaded."""
+def in_run_folder(cfg, run):
+    """``run(cfg)`` in its run folder, fixed once (default runs/<model>-<time>) and checked
+    writable before any data, model or teacher is loaded. A folder made here that is still
+    empty when a user error stops the run (a typo in --model, say) is removed again."""
+    import contextlib
+
     from .engine.run import run_folder
     from .utils import ensure_writable_dir
 
-    cfg.train.out = str(ensure_writable_dir(run_folder(cfg), "--out"))
-    return cfg
+    out = run_folder(cfg)
+    made = not out.exists()
+    cfg.train.out = str(ensure_writable_dir(out, "--out"))
+    try:
+        return run(cfg)
+    except UserError:
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only while empty
+        raise
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .engine.run import train
 
-    summary = train(checked_run_folder(train_config(args)))
+    summary = in_run_folder(train_config(args), train)
     _print_summary(summary)
     return 0
 
@@ -129,7 +140,7 @@ def distill_config(args: argparse.Namespace):
 def cmd_distill(args: argparse.Namespace) -> int:
     from .engine.distill import distill
 
-    _print_summary(distill(checked_run_folder(distill_config(args))))
+    _print_summary(in_run_folder(distill_config(args), distill))
     return 0
 
 
@@ -159,7 +170,7 @@ def cmd_ssld(args: argparse.Namespace) -> int:
         "distill.teachers": args.teacher, "ssld.pool": args.pool, "ssld.top_k": args.top_k,
         "ssld.dedup_against": args.dedup_against, "ssld.finetune_epochs": args.finetune_epochs,
         "ssld.losses": args.loss, "ssld.unlabeled_fraction": args.unlabeled_fraction})
-    _print_summary(ssld(checked_run_folder(cfg)))
+    _print_summary(in_run_folder(cfg, ssld))
     return 0
 
 

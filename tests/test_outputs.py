@@ -123,3 +123,19 @@ def test_writable_check_messages(where, tmp_path):
     assert "\n" not in msg and f"--out '{path}'" in msg and "choose" in msg, msg
     if where != "proc":
         assert "is a file, not a folder" in msg, msg
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_a_user_error_leaves_no_empty_run_folder(command, tiny_root, trained_run, tmp_path, capsys):
+    """The run folder is made before any work (to check it); a typo found later takes it away
+    again, while a folder that was already there stays."""
+    from kdistill.cli import main
+
+    teacher = ["--teacher", str(trained_run)] if command == "distill" else []
+    out = tmp_path / "runs" / "typo"
+    args = [command, "--data", str(tiny_root), "--model", "no_such_model", *teacher, *TRAIN_ARGS]
+    assert main([*args, "--out", str(out)]) == 2
+    assert "no_such_model" in capsys.readouterr().err and not out.exists() and out.parent.is_dir()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main([*args, "--out", str(kept)]) == 2 and kept.is_dir()
