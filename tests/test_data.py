@@ -144,3 +144,26 @@ def test_epoch_loader_is_seeded(tiny_root):
     assert torch.equal(xa["index"], xb["index"]) and torch.equal(xa["image"], xb["image"])
     a.set_epoch(4)
     assert not torch.equal(next(iter(a))["index"], xa["index"])
+
+
+def test_hidden_files_are_skipped_alike_by_training_pool_and_predict(tmp_path):
+    """One listing (data.sources) for training sources, the mining pool and predict: a
+    macOS resource fork ``._x.jpg`` or a hidden ``.hidden.png`` is never an image."""
+    from PIL import Image
+
+    from kdistill.data.sources import open_unlabeled
+    from kdistill.deploy.predict import collect_images
+    from kdistill.mining.pool import open_pool
+
+    root = tmp_path / "train"
+    for rel in ["a/x.jpg", "b/y.png", "b/sub/z.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(root / rel)
+    for rel in ["a/._x.jpg", "a/.hidden.png", "b/._y.png", "b/.cache/w.png"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"\x00\x05\x16\x07Mac OS X        ")
+    real = [str(root / r) for r in ["a/x.jpg", "b/sub/z.png", "b/y.png"]]  # sorted paths
+    assert open_source(str(tmp_path), "train").paths == real
+    assert open_unlabeled(str(root), ["a", "b"]).paths == real
+    assert list(open_pool(str(root)).paths) == real
+    assert collect_images([str(root)]) == real

@@ -21,7 +21,8 @@ from kdistill.mining import (EMBED_THRESHOLD, PHASH_THRESHOLD, TopK, assign, ham
                              mine, open_pool, phash)
 from kdistill.mining import score as score_mod
 from kdistill.mining.dedup import EVAL_CROPS, nearest_hash
-from kdistill.mining.pool import center_crop, read_pool_list
+from kdistill.data.sources import read_paths
+from kdistill.mining.pool import center_crop
 
 FAST = dict(batch_size=4, workers=0, progress=False)
 
@@ -161,7 +162,7 @@ def test_path_table_is_compact(tmp_path):
     lst = tmp_path / "big.txt"
     lst.write_text("".join(f"images/n{i // 1000:04d}/img_{i:08d}.jpg {i % 10}\n" for i in range(100_000)))
     tracemalloc.start()
-    table = read_pool_list(lst)
+    table = read_paths(lst)
     size, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(table) == 100_000 and table.relative(99_999) == "images/n0099/img_00099999.jpg"

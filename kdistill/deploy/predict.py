@@ -38,7 +38,8 @@ PREFETCH = 2  # batches decoded ahead of the one running
 
 
 def collect_images(inputs: list[str]) -> list[str]:
-    """Files as given, folders expanded recursively (sorted); missing paths are an error."""
+    """Files as given, folders expanded recursively as for training (``data.sources``:
+    hidden files skipped, sorted directory order); missing paths are an error."""
     paths: list[str] = []
     empty: list[str] = []
     for arg in inputs:

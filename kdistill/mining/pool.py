@@ -2,97 +2,22 @@
 
 A pool is a folder, searched recursively at any depth (no class structure needed), or a
 list file of PaddleClas ``path label`` lines or bare ``path`` lines (labels ignored, paths
-relative to the list file's folder). Paths are kept in a :class:`PathTable` (one byte
-buffer plus offsets, ~1/3 of the memory of a list of ``str`` and nothing for DataLoader
-workers to copy on access); images are decoded only when a loader asks for them.
+relative to the list file's folder), listed by ``data.sources`` as for training (hidden
+files skipped). Paths are kept in a :class:`~kdistill.data.sources.PathTable`; images are
+decoded only when a loader asks for them.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-from array import array
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data.sources import IMAGE_EXTENSIONS, read_image
+from ..data.sources import PathTable, read_image, read_paths, scan_images
 from ..errors import UserError
 from .dedup import phash
-
-
-class PathTable(Sequence[str]):
-    """An append-only list of paths stored as UTF-8 bytes + end offsets, relative to ``base``."""
-
-    def __init__(self, base: str = "") -> None:
-        self.base = base
-        self._data = bytearray()
-        self._ends = array("q")
-
-    def append(self, rel: str) -> None:
-        self._data += rel.encode("utf-8", "surrogateescape")
-        self._ends.append(len(self._data))
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def relative(self, i: int) -> str:
-        if i < 0:
-            i += len(self)
-        start = self._ends[i - 1] if i > 0 else 0
-        return self._data[start:self._ends[i]].decode("utf-8", "surrogateescape")
-
-    def __getitem__(self, i):  # type: ignore[override]
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return os.path.join(self.base, self.relative(i))
-
-    def __iter__(self) -> Iterator[str]:
-        return (self[i] for i in range(len(self)))
-
-    def digest(self) -> str:
-        """A fingerprint of the list (to tell whether a resumed run sees the same pool)."""
-        h = hashlib.sha1(self.base.encode("utf-8", "surrogateescape"))
-        h.update(bytes(self._data))
-        h.update(self._ends.tobytes())
-        return h.hexdigest()
-
-
-def scan_images(root: Path) -> PathTable:
-    """Every image file under ``root`` (any depth; hidden files and folders skipped), in
-    sorted directory order, without materialising a list of all names."""
-    table = PathTable(str(root))
-    for dirpath, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        rel_dir = os.path.relpath(dirpath, root)
-        for f in sorted(files):
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                table.append(f if rel_dir == "." else os.path.join(rel_dir, f))
-    return table
-
-
-def parse_pool_line(line: str) -> str | None:
-    """``path label [# comment]`` or ``path`` -> path; None for blank or comment lines."""
-    if " #" in line:
-        line = line.split(" #", 1)[0]
-    line = line.strip()
-    if not line or line.startswith("#"):
-        return None
-    parts = line.rsplit(maxsplit=1)
-    if len(parts) == 2 and parts[1].lstrip("-").isdigit():
-        return parts[0]
-    return line
-
-
-def read_pool_list(path: Path) -> PathTable:
-    table = PathTable(str(path.parent))
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            p = parse_pool_line(line)
-            if p is not None:
-                table.append(p)
-    return table
 
 
 class Pool:
@@ -122,7 +47,7 @@ def open_pool(spec: str, what: str = "pool") -> Pool:
     if p.is_dir():
         pool = Pool(spec, scan_images(p), True)
     elif p.is_file():
-        pool = Pool(spec, read_pool_list(p), False)
+        pool = Pool(spec, read_paths(p), False)
     else:
         raise UserError(f"{what} '{spec}' does not exist (give a folder of images or a list file)")
     if len(pool) == 0:
