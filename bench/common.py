@@ -4,32 +4,18 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+from kdistill.models.profile import machine  # noqa: F401 - one machine line for bench/ and model cards
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("KDISTILL_BENCH_CACHE", ROOT / "bench" / "cache"))
 CIFAR = os.environ.get("KDISTILL_CIFAR", str(ROOT.parent / "shared" / "data" / "cifar10"))
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 RESULTS = ROOT / "bench" / "results"
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import torch
-
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", no GPU"
-    return f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__}, {platform.system()}"
 
 
 def today() -> str:

@@ -1,6 +1,8 @@
-"""Small shared helpers: atomic file writes, output checks, JSON lines, seeding, device choice."""
+"""Small shared helpers: atomic file writes, output checks, JSON lines, file hashes, error
+messages, seeding, device choice."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -97,6 +99,22 @@ def write_json(path: str | Path, obj: Any) -> None:
 def append_jsonl(path: str | Path, obj: Any) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(obj) + "\n")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters) for a one-line
+    error report; the exception's type when it has no message."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
 
 
 def seed_everything(seed: int) -> None:

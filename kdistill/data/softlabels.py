@@ -41,14 +41,6 @@ def fingerprint(source: Source) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def view_files(root: Path, v: int) -> dict[str, Path]:
     return {k: root / f"view-{v:03d}.{k}.npy" for k in ("probs", "index", "params")}
 

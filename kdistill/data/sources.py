@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..utils import first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -69,19 +70,14 @@ def read_image(source: str | bytes, max_pixels: int | None = None) -> torch.Tens
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as err:
-        raise UnreadableImage(f"image too large ({_first_line(err)})", too_large=True) from None
+        raise UnreadableImage(f"image too large ({first_line(err)})", too_large=True) from None
     except UnidentifiedImageError:
         raise UnreadableImage("not a readable image (unknown format or corrupt header)") from None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise UnreadableImage(f"not a readable image ({type(err).__name__}: {_first_line(err)})") from None
+        raise UnreadableImage(f"not a readable image ({type(err).__name__}: {first_line(err)})") from None
     if arr.ndim != 3 or arr.shape[0] * arr.shape[1] == 0:
         raise UnreadableImage("image has no pixels")
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
 
 
 @dataclass

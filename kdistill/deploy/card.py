@@ -10,7 +10,6 @@ teachers, the run's config.yaml) and when and where the numbers were measured.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from torch import nn
 
 from ..data.transforms import Preprocessing
 from ..models.profile import callable_latency_ms, count_flops, latency_ms, machine
-from ..utils import atomic_write_text, count_params, write_json
+from ..utils import atomic_write_text, count_params, file_sha256, write_json
 from .runtime import Normalized, OnnxPredictor, Predictor
 
 LATENCY_BATCHES = (1, 32)
@@ -37,14 +36,6 @@ CONFIG_KEYS = {"model": ("name", "pretrained"), "train": ("epochs", "batch_size"
 def card_paths(out: str | Path) -> tuple[Path, Path]:
     """(markdown, json) card paths of an export."""
     return Path(f"{out}.card.md"), Path(f"{out}.card.json")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -104,7 +95,7 @@ def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Pa
                   "params": count_params(model), "flops": count_flops(model, pp.image_size),
                   "preprocessing": pp.to_dict(), "input": meta["input"], "output": meta["output"]},
         "file": {"path": str(path), "format": meta["format"], "bytes": path.stat().st_size,
-                 "sha256": _sha256(path), "opset": meta.get("opset")},
+                 "sha256": file_sha256(path), "opset": meta.get("opset")},
         "source": {"checkpoint": str(checkpoint), "run": meta.get("run"), "epoch": ckpt_meta.get("epoch"),
                    "ema": ckpt_meta.get("ema"), "trained": ckpt_meta.get("created"),
                    "trained_with": ckpt_meta.get("kdistill_version"),

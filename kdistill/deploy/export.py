@@ -18,6 +18,7 @@ is not written (the previous file at that path, if any, is kept).
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import io
 import json
 import warnings
@@ -35,7 +36,7 @@ from ..errors import KdistillError, UserError
 from ..utils import atomic_path
 from . import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
 from .runtime import (INPUT_NAME, META_KEY, OUTPUT_NAME, TS_EXTRA, ImageError, Normalized, OnnxPredictor,
-                      Predictor, Preparer, load_torchscript, read_rgb, softmax)
+                      Predictor, Preparer, load_torchscript, read_rgb, softmax, torch_logits)
 
 MIN_OPSET, MAX_OPSET = 9, 20  # the TorchScript-based ONNX exporter's range (needs no onnxscript)
 PARITY_BATCH = 32
@@ -179,13 +180,6 @@ def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Calla
     return Parity(worst, agree / len(x), len(x), source, tolerance)
 
 
-def eager_logits(module: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return module(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
-    return run
-
-
 # ------------------------------------------------------------------ export
 
 
@@ -220,7 +214,7 @@ def export_module(model: nn.Module, meta: dict, fmt: str, out: str | Path, input
         else:
             write_torchscript(module, meta, tmp)
         exported = load_exported(tmp, fmt)
-        parity = check_parity(eager_logits(module), exported.logits, inputs, source, tolerance)
+        parity = check_parity(functools.partial(torch_logits, module), exported.logits, inputs, source, tolerance)
         if not parity.ok:
             raise ParityError(parity.line(exported.backend) + f"; {out} not written "
                               "(raise --tolerance to accept it)")

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..data.transforms import Preprocessing, ResizeCenterCrop
 from ..errors import UserError
+from ..utils import first_line
 
 META_KEY = "kdistill"  # ONNX metadata_props key / TorchScript extra file (kdistill.json)
 TS_EXTRA = "kdistill.json"
@@ -76,7 +77,7 @@ class OnnxPredictor(Predictor):
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         except Exception as err:  # noqa: BLE001
-            raise UserError(f"cannot load ONNX model '{path}' ({_first_line(err)})") from None
+            raise UserError(f"cannot load ONNX model '{path}' ({first_line(err)})") from None
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         super().__init__(_parse_meta(raw, path), str(path))
         self.input_name = self.session.get_inputs()[0].name
@@ -94,8 +95,14 @@ class TorchPredictor(Predictor):
         self.backend = backend
 
     def logits(self, x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return self.module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
+        return torch_logits(self.module, x)
+
+
+def torch_logits(module: nn.Module, x: np.ndarray) -> np.ndarray:
+    """float32 logits of a torch module (eager or TorchScript) on a float32 NCHW batch, in
+    inference mode."""
+    with torch.inference_mode():
+        return module(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
 
 
 def load_torchscript(path: str) -> TorchPredictor:
@@ -105,7 +112,7 @@ def load_torchscript(path: str) -> TorchPredictor:
             warnings.simplefilter("ignore", FutureWarning)
             module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"cannot load TorchScript model '{path}' ({_first_line(err)})") from None
+        raise UserError(f"cannot load TorchScript model '{path}' ({first_line(err)})") from None
     raw = extra[TS_EXTRA]
     meta = _parse_meta(raw.decode() if isinstance(raw, bytes) else raw, path)
     return TorchPredictor(module, meta, str(path), "torchscript")
@@ -154,7 +161,7 @@ def read_export_meta(path: str) -> dict:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # noqa: BLE001
-        raise UserError(f"cannot read ONNX model '{path}' ({_first_line(err)})") from None
+        raise UserError(f"cannot read ONNX model '{path}' ({first_line(err)})") from None
     props = {p.key: p.value for p in proto.metadata_props}
     return _parse_meta(props.get(META_KEY), path)
 
@@ -168,13 +175,8 @@ def _parse_meta(raw: str | None, path: str) -> dict:
         Preprocessing.from_dict(meta["preprocessing"])
         list(meta["classes"])
     except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"'{path}' has unreadable kdistill metadata ({_first_line(err)})") from None
+        raise UserError(f"'{path}' has unreadable kdistill metadata ({first_line(err)})") from None
     return meta
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
 
 
 # ------------------------------------------------------------------ images

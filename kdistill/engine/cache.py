@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader
 
 from ..data.datasets import collate
 from ..data.loader import ShardSampler, open_splits
-from ..data.softlabels import (FORMAT, file_sha256, fingerprint, read_manifest, topk_renormalised,
+from ..data.softlabels import (FORMAT, fingerprint, read_manifest, topk_renormalised,
                                view_files, write_manifest)
 from ..data.views import N_PARAMS, ViewDataset, ViewSpec
 from ..errors import UserError
 from ..methods.teachers import TeacherSet, load_teacher
 from ..models.checkpoint import resolve_checkpoint
-from ..utils import ensure_writable_dir, resolve_device
+from ..utils import ensure_writable_dir, file_sha256, resolve_device
 from . import distributed as dist
 from .callbacks import log, progress
 
