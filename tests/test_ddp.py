@@ -91,7 +91,8 @@ def test_rank_with_an_unreadable_batch_stays_in_step(tmp_path):
     _spoil(root, rank=1, batch=1)
     _spoil(root, rank=0, batch=2)
     out = tmp_path / "run"
-    proc = _run_ranks([str(root), str(out), "train.accum_steps=2", "train.epochs=2"], tmp_path, timeout=180)
+    proc = _run_ranks(["train", str(root), str(out), "train.accum_steps=2", "train.epochs=2"], tmp_path,
+                      timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     w0, w1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
@@ -100,24 +101,62 @@ def test_rank_with_an_unreadable_batch_stays_in_step(tmp_path):
     assert load_state(out / "last.pt")["global_step"] == 4  # 2 windows per epoch, none lost
 
 
-def _worker(root: str, out: str, *overrides: str) -> None:
-    """One rank of ``kdistill train`` (resnet8, gloo) that saves its own parameters."""
+@pytest.mark.parametrize("teacher", ["run", "self-ema"])
+def test_distill_with_adapters_keeps_one_ddp_and_ranks_in_step(teacher, tiny_root, trained_run, tmp_path):
+    """FitNets hints (1x1-conv + BN adapters) under 2 gloo ranks: student and adapters live in
+    one trainable module wrapped once by DDP (frozen teachers outside it), so both ranks end
+    with the same student AND adapter weights. DDP searches for unused parameters only when an
+    adapter can sit out a step (the EMA self-teacher starts teaching halfway)."""
+    out = tmp_path / "run"
+    source = ([f"distill.teachers=[{trained_run}]"] if teacher == "run"
+              else ["distill.self_distill=ema", "distill.self_start=0.5"])
+    proc = _run_ranks(["distill", str(tiny_root), str(out), "train.epochs=2", "distill.losses=[fitnet:1,ce:1]",
+                       *source], tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert any(k.startswith("losses.") for k in w0) and any(k.startswith("student.") for k in w0)
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    for r in (0, 1):
+        info = json.loads((out / f"rank{r}.json").read_text())
+        assert info["ddp_instances"] == 1
+        assert info["ddp_wraps"] == "Trainable" and not info["teacher_in_ddp"]
+        assert info["find_unused_parameters"] == (teacher == "self-ema")
+
+
+def _worker(kind: str, root: str, out: str, *overrides: str) -> None:
+    """One rank of ``kdistill train`` or ``distill`` (resnet8, gloo) that saves its own
+    trainable parameters (and, for distill, how DDP wraps the method)."""
+    from torch.nn.parallel import DistributedDataParallel
+
     from kdistill.config import Config, build_config
+    from kdistill.engine import distill as distill_mod
     from kdistill.engine import distributed as dist
     from kdistill.engine import run as run_mod
     from kdistill.methods.supervised import Supervised
 
-    cfg = build_config(Config, overrides=[
+    schema = distill_mod.DistillConfig if kind == "distill" else Config
+    cfg = build_config(schema, overrides=[
         f"data.root={root}", "model.name=resnet8", f"train.out={out}", f"train.batch_size={BATCH}",
         f"train.seed={SEED}", "data.workers=0", "data.in_memory=no", "data.mean=[0.5,0.5,0.5]",
         "data.std=[0.25,0.25,0.25]", "train.progress=false", "train.device=cpu", "train.amp=false",
         "train.threads=1", *overrides])
     ctx = run_mod.prepare(cfg)
-    method = Supervised(ctx.student, ctx.student_prep())
     try:
-        run_mod.fit(ctx, method)
-        params = {n: p.detach().clone() for n, p in method.plain_student.named_parameters()}
-        torch.save(params, Path(out) / f"rank{dist.rank()}.pt")
+        if kind == "distill":
+            method, crop = distill_mod.build_method(ctx, cfg.distill)
+            run_mod.fit(ctx, method, crop_size=crop)
+            ddps = [m for m in method.modules() if isinstance(m, DistributedDataParallel)]
+            wrapped = {id(p) for d in ddps for p in d.parameters()}
+            info = {"ddp_instances": len(ddps), "ddp_wraps": type(ddps[0].module).__name__,
+                    "teacher_in_ddp": any(id(p) in wrapped for p in method.teachers.parameters()),
+                    "find_unused_parameters": ddps[0].find_unused_parameters}
+            (Path(out) / f"rank{dist.rank()}.json").write_text(json.dumps(info))
+            params = dict(method.trainable().named_parameters())
+        else:
+            method = Supervised(ctx.student, ctx.student_prep())
+            run_mod.fit(ctx, method)
+            params = dict(method.plain_student.named_parameters())
+        torch.save({n: p.detach().clone() for n, p in params.items()}, Path(out) / f"rank{dist.rank()}.pt")
     finally:
         dist.cleanup()
 

@@ -1,6 +1,8 @@
 """The contract between a training method and the (method-agnostic) loop."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -17,6 +19,11 @@ class Trainable(nn.Module):
     param-group builder keeps e.g. a ViT's ``pos_embed`` and ``cls_token`` out of weight
     decay (and layer-wise lr decay sees the student's layers; extra modules go with its
     head). State-dict keys are those of the former ``ModuleDict``: old checkpoints load.
+
+    It is also the one module DDP wraps: ``forward(step, *args)`` runs a method's training
+    step, ``step(self, *args)``, so every trainable forward (the student and the loss bank
+    with its adapters) happens inside this module's forward and one DDP wrapper sees the
+    whole graph and averages all of its gradients in one backward.
     """
 
     def __init__(self, student: nn.Module, **extra: nn.Module) -> None:
@@ -43,6 +50,9 @@ class Trainable(nn.Module):
 
         return layer_of
 
+    def forward(self, step: Callable[..., Any], *args: Any) -> Any:
+        return step(self, *args)
+
 
 class Method(nn.Module):
     """A way of training ``student``.
@@ -50,29 +60,43 @@ class Method(nn.Module):
     ``forward(batch)`` gets ``batch["image"]`` as a float [0, 1] tensor on the device (after
     mixup, if any) and ``batch["target"]`` (class indices or soft targets), and returns a
     dict with the scalar ``"loss"`` to backpropagate plus any named terms to log (scalars)
-    and, optionally, the student's ``"logits"``.
+    and, optionally, the student's ``"logits"``. A method implements :meth:`step`, which
+    reaches the student and any extra trainable modules through the :class:`Trainable` it
+    is given; ``forward`` runs it through that module (DDP-wrapped under torchrun).
     """
 
     name = "method"
 
-    def __init__(self, student: nn.Module, student_prep: Preprocess) -> None:
+    def __init__(self, student: nn.Module, student_prep: Preprocess, **extra: nn.Module) -> None:
         super().__init__()
-        self.student = student
+        self.trainable_module = Trainable(student, **extra)
+        self.ddp: DistributedDataParallel | None = None
         self.student_prep = student_prep
 
     @property
-    def plain_student(self) -> nn.Module:
-        """The student without its DDP wrapper (what gets saved and evaluated)."""
-        s = self.student
-        return s.module if isinstance(s, DistributedDataParallel) else s
+    def student(self) -> nn.Module:
+        return self.trainable_module.student
 
-    def trainable(self) -> nn.Module:
-        """Modules whose parameters the optimizer updates (the student, plus any adapters)."""
-        return Trainable(self.plain_student)
+    @property
+    def plain_student(self) -> nn.Module:
+        """The student without any DDP wrapper (what gets saved and evaluated)."""
+        return self.trainable_module.student
+
+    def trainable(self) -> Trainable:
+        """Modules whose parameters the optimizer updates (the student, plus any adapters),
+        unwrapped: its ``state_dict`` is the training state in ``last.pt``."""
+        return self.trainable_module
+
+    def find_unused_parameters(self) -> bool:
+        """Whether some trainable parameter may get no gradient in a step (DDP must then
+        search the graph for them on every forward). The student uses all of its own."""
+        return False
 
     def wrap_distributed(self, device_ids: list[int] | None) -> None:
-        """Wrap only trainable parts in DDP (frozen teachers stay plain)."""
-        self.student = DistributedDataParallel(self.student, device_ids=device_ids)
+        """Wrap the one trainable module in DDP, once (frozen teachers stay plain)."""
+        if self.ddp is None:
+            self.ddp = DistributedDataParallel(self.trainable_module, device_ids=device_ids,
+                                               find_unused_parameters=self.find_unused_parameters())
 
     def ddp_modules(self) -> list[DistributedDataParallel]:
         return [m for m in self.modules() if isinstance(m, DistributedDataParallel)]
@@ -94,5 +118,10 @@ class Method(nn.Module):
     def load_extra_state(self, state: dict) -> None:
         """Restore what :meth:`extra_state` returned."""
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        module = self.trainable_module if self.ddp is None else self.ddp
+        return module(self.step, batch)
+
+    def step(self, modules: Trainable, batch: dict) -> dict[str, torch.Tensor]:  # pragma: no cover
+        """The training step on ``batch``, with the student as ``modules.student``."""
         raise NotImplementedError

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ..data.transforms import Preprocess
 from ..errors import UserError
@@ -55,8 +54,8 @@ class TermSpec:
 
 class LossBank(nn.Module):
     """The loss modules (with their adapters). One forward computes every active term, each
-    on its own inputs (``name@k``: term ``name`` for merged teacher ``k``), so DDP can wrap
-    the bank when adapters have parameters."""
+    on its own inputs (``name@k``: term ``name`` for merged teacher ``k``). It is trained
+    with the student: ``losses`` in the method's :class:`Trainable`, inside its DDP wrapper."""
 
     def __init__(self, losses: dict[str, nn.Module]) -> None:
         super().__init__()
@@ -87,10 +86,9 @@ class Distill(Method):
                  terms: list[TermSpec], bank: LossBank, s_capture: FeatureCapture | None = None,
                  t_capture: FeatureCapture | None = None, self_start: int | None = None,
                  self_decay: float = 0.999) -> None:
-        super().__init__(student, student_prep)
+        super().__init__(student, student_prep, losses=bank)
         self.teachers = teachers
         self.terms = terms
-        self.bank = bank
         self.s_capture, self.t_capture = s_capture, t_capture
         self.specs = {t.name: LOSSES.get(t.name) for t in terms}
         self.weights = {t.name: t.weight for t in terms}
@@ -99,15 +97,21 @@ class Distill(Method):
 
     # ------------------------------------------------------------------ plumbing
 
-    def trainable(self) -> nn.Module:
-        bank = self.bank.module if isinstance(self.bank, DistributedDataParallel) else self.bank
-        return Trainable(self.plain_student, losses=bank)
+    @property
+    def bank(self) -> LossBank:
+        return self.trainable_module.losses
 
-    def wrap_distributed(self, device_ids: list[int] | None) -> None:
-        super().wrap_distributed(device_ids)
-        if any(p.requires_grad for p in self.bank.parameters()):
-            self.bank = DistributedDataParallel(self.bank, device_ids=device_ids,
-                                                find_unused_parameters=True)
+    def find_unused_parameters(self) -> bool:
+        """A loss module with trainable parameters (adapters) gets no gradient in a step where
+        its term is left out: weight 0, or a teacher term while no teacher is on (the EMA
+        self-teacher before ``self_start``; no teacher and no cached teacher outputs). Only
+        then must DDP search the graph for unused parameters on every forward."""
+        def may_skip(t: TermSpec) -> bool:
+            teacher_off = self.self_start is not None or self.teachers is None
+            return t.weight == 0 or (self.specs[t.name].needs_teacher and teacher_off)
+
+        return any(p.requires_grad for t in self.terms if may_skip(t)
+                   for p in self.bank.losses[t.name].parameters())
 
     def train(self, mode: bool = True) -> "Distill":
         super().train(mode)
@@ -158,11 +162,11 @@ class Distill(Method):
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def step(self, modules: Trainable, batch: dict) -> dict[str, torch.Tensor]:
         x, targets = batch["image"], batch.get("target")
         if self.s_capture:
             self.s_capture.clear()
-        s_logits = self.student(self.student_prep(x))
+        s_logits = modules.student(self.student_prep(x))
         inp = LossInputs(s_logits, targets=targets, index=batch.get("index"))
         if self.s_capture:
             inp.s_feats, inp.s_embed = self.s_capture.features(), self.s_capture.embed
@@ -181,7 +185,7 @@ class Distill(Method):
             if self.t_capture:
                 inp.t_feats = [f.detach() for f in self.t_capture.features()]
                 inp.t_embed = None if self.t_capture.embed is None else self.t_capture.embed.detach()
-        values = self.bank(self._inputs(inp, t_out, active))
+        values = modules.losses(self._inputs(inp, t_out, active))
         values = self._reduce_merged(values)
         loss = sum(self.weights[n] * v for n, v in values.items() if self.weights[n] > 0)
         if not torch.is_tensor(loss):

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..data.transforms import Preprocess
 from ..losses.logits import cross_entropy, symmetric_kl
-from .base import Method
+from .base import Method, Trainable
 
 
 class Supervised(Method):
@@ -25,14 +25,15 @@ class Supervised(Method):
         self.label_smoothing = label_smoothing
         self.rdrop = rdrop
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def step(self, modules: Trainable, batch: dict) -> dict[str, torch.Tensor]:
+        student = modules.student
         x = self.student_prep(batch["image"])
         y = batch["target"]
         if self.rdrop <= 0:
-            logits = self.student(x)
+            logits = student(x)
             ce = cross_entropy(logits, y, self.label_smoothing)
             return {"loss": ce, "ce": ce, "logits": logits}
-        a, b = self.student(torch.cat([x, x])).chunk(2)
+        a, b = student(torch.cat([x, x])).chunk(2)
         ce = 0.5 * (cross_entropy(a, y, self.label_smoothing) + cross_entropy(b, y, self.label_smoothing))
         rd = symmetric_kl(a, b)
         return {"loss": ce + self.rdrop * rd, "ce": ce, "rdrop": rd, "logits": a}
