@@ -36,25 +36,16 @@ def kdistill(*args: str, log: Path | None = None) -> None:
         raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}" + (f"; see {log}" if log else ""))
 
 
-def finished(out: Path, epochs: int) -> dict | None:
-    s = out / "summary.json"
-    if s.is_file():
-        summary = json.loads(s.read_text())
-        if summary.get("epochs") == epochs:
-            return summary
-    return None
-
-
 def ensure_run(command: str, out: Path, epochs: int, args: list[str]) -> dict:
     """Train ``out`` unless already finished; resume it when interrupted (cached in CACHE)."""
-    done = finished(out, epochs)
-    if done:
-        print(f"reusing {out}", flush=True)
-        return done
-    extra = ["--resume"] if (out / "last.pt").exists() else []
-    kdistill(command, *args, "--out", str(out), "-o", f"train.epochs={epochs}", "--no-progress", *extra,
-             log=out.with_suffix(".log"))
-    return json.loads((out / "summary.json").read_text())
+    from kdistill.engine.run import run_stage
+
+    def start(resume: bool) -> dict:
+        kdistill(command, *args, "--out", str(out), "-o", f"train.epochs={epochs}", "--no-progress",
+                 *(["--resume"] if resume else []), log=out.with_suffix(".log"))
+        return json.loads((out / "summary.json").read_text())
+
+    return run_stage(out, epochs, start, out.name)
 
 
 def update_section(name: str, body: str) -> None:

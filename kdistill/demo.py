@@ -6,7 +6,6 @@ interrupted one resumed, so the demo can be stopped and started again.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -53,20 +52,24 @@ def demo_config(out: Path, data: str, arm: Arm, size: dict, extra: list[str]) ->
 
 
 def run_arm(arm: Arm, out: Path, data: str, size: dict) -> dict:
-    """Train an arm, reuse it if finished, resume it if interrupted."""
+    """Train an arm, reuse it if finished, resume it if interrupted; a finished arm of
+    another size (epochs or training images) is refused, never silently reused."""
+    from .engine.run import run_stage
+
     run = out / arm.name
-    summary = run / "summary.json"
-    if summary.is_file():
-        done = json.loads(summary.read_text())
+
+    def same_size(done: dict) -> bool:
         images = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data", {}).get("max_train_images")
         if done.get("epochs") == arm.epochs and images == arm.images:
-            log(f"[{arm.name}] reusing finished run {run}")
-            return done
+            return True
         raise UserError(f"{run} holds a finished run of another size (an older demo?); "
                         "remove it or choose another --out")
-    resume = ["train.resume=true"] if (run / "last.pt").exists() else []
-    log(f"[{arm.name}] training {arm.model} for {arm.epochs} epoch(s) of {arm.images} images -> {run}")
-    return arm.run(demo_config(run, data, arm, size, arm.overrides + resume))
+
+    def start(resume: bool) -> dict:
+        log(f"[{arm.name}] training {arm.model} for {arm.epochs} epoch(s) of {arm.images} images -> {run}")
+        return arm.run(demo_config(run, data, arm, size, arm.overrides + (["train.resume=true"] if resume else [])))
+
+    return run_stage(run, arm.epochs, start, arm.name, reuse=same_size)
 
 
 def arms(size: dict, out: Path) -> list[Arm]:

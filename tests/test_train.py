@@ -311,3 +311,33 @@ def test_accumulation_averages_over_real_images(tmp_path):
     t.train_epoch(0)
     assert t.global_step == 1
     _assert_same_student(t, expected)
+
+
+def test_run_stage_reuses_finished_resumes_interrupted_and_starts_new(tmp_path):
+    """One helper decides for demo arms, SSLD stages and born-again generations."""
+    from kdistill.engine.run import run_stage
+    from kdistill.errors import UserError
+
+    calls = []
+
+    def start(resume):
+        calls.append(resume)
+        return {"started": resume}
+
+    out = tmp_path / "stage"
+    assert run_stage(out, 2, start, "s") == {"started": False}  # nothing there: start
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"")
+    assert run_stage(out, 2, start, "s") == {"started": True}  # interrupted: resume
+    (out / "summary.json").write_text(json.dumps({"epochs": 1}))
+    assert run_stage(out, 2, start, "s") == {"started": True}  # finished shorter: resume
+    (out / "summary.json").write_text(json.dumps({"epochs": 2}))
+    assert run_stage(out, 2, start, "s") == {"epochs": 2}  # finished: reused
+    assert calls == [False, True, True]
+    assert run_stage(out, 2, start, "s", reuse=lambda s: False) == {"started": True}
+
+    def refuse(summary):
+        raise UserError("another size")
+
+    with pytest.raises(UserError, match="another size"):
+        run_stage(out, 2, start, "s", reuse=refuse)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -22,7 +20,7 @@ from ..utils import resolve_device, write_json
 from . import distributed as dist
 from .callbacks import log
 from .evaluate import Agreement
-from .run import RunContext, fit, prepare, run_folder, train
+from .run import RunContext, fit, prepare, run_folder, run_stage, train
 
 
 @dataclass
@@ -234,16 +232,6 @@ def born_again(cfg: DistillConfig) -> dict:
         return _born_again(cfg)
 
 
-def _finished(out: Path, epochs: int) -> tuple[dict | None, bool]:
-    """Rank 0's view, on every rank, of generation folder ``out``: (its summary if finished
-    with ``epochs`` epochs, whether it can be resumed). Ranks that disagreed would hang."""
-    done = None
-    if dist.is_main() and (out / "summary.json").is_file():
-        done = json.loads((out / "summary.json").read_text())
-        done = done if done.get("epochs") == epochs else None
-    return dist.broadcast_object((done, (out / "last.pt").exists()))
-
-
 def _born_again(cfg: DistillConfig) -> dict:
     out = run_folder(cfg)
     if dist.is_main():  # `kdistill distill -c <out>/config.yaml` repeats every generation
@@ -256,16 +244,15 @@ def _born_again(cfg: DistillConfig) -> dict:
         gcfg.train.out = str(out / f"gen{g}")
         gcfg.distill.self_distill = "none"
         gcfg.distill.teachers = teachers
-        done, resume = _finished(out / f"gen{g}", cfg.train.epochs)
-        if done:
-            log(f"[gen{g}] reusing finished generation")
-            summary = done
-        else:
+
+        def start(resume: bool) -> dict:  # called at once, within this iteration
             gcfg.train.resume = resume
             log(f"[gen{g}] {'distilling from ' + ', '.join(teachers) if teachers else 'training on labels'}")
             # without a teacher, generation 1 is a plain `kdistill train` run, and its
             # config.yaml a train config (`kdistill train -c` refuses a distill section)
-            summary = distill(gcfg) if teachers else train(narrow(gcfg, Config))
+            return distill(gcfg) if teachers else train(narrow(gcfg, Config))
+
+        summary = run_stage(out / f"gen{g}", cfg.train.epochs, start, f"gen{g}", "generation")
         rows.append({"generation": g, "teacher": teachers[0] if teachers else None,
                      "best": summary.get("best", {})})
         teachers = [str(out / f"gen{g}")]

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -19,6 +22,7 @@ from ..models import create_model, default_preprocessing
 from ..models.checkpoint import meta_preprocessing, read_meta, resolve_checkpoint
 from ..utils import ensure_writable_dir, resolve_device, seed_everything
 from . import distributed as dist
+from .callbacks import log
 from .evaluate import EvalHook
 from .trainer import Trainer
 
@@ -56,6 +60,26 @@ def check_out(out: Path, resume: bool) -> None:
                         "or choose another --out")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out '{out}' exists and is not a folder")
+
+
+def run_stage(out: Path, epochs: int, start: Callable[[bool], dict], name: str, what: str = "run",
+              reuse: Callable[[dict], bool] | None = None) -> dict:
+    """Reuse a finished run folder ``out``, resume an interrupted one, else start it.
+
+    Returns ``out``'s summary when it finished and ``reuse(summary)`` holds (default: it ran
+    ``epochs`` epochs; ``reuse`` may raise to refuse a finished run outright), else
+    ``start(resume)``, with ``resume`` true when ``out`` holds a checkpoint to continue.
+    Under torchrun every rank takes rank 0's decision: a rank that reused while another
+    trained would hang."""
+    done = None
+    if dist.is_main() and (out / "summary.json").is_file():
+        summary = json.loads((out / "summary.json").read_text())
+        done = summary if (reuse(summary) if reuse else summary.get("epochs") == epochs) else None
+    done, resume = dist.broadcast_object((done, (out / "last.pt").exists()))
+    if done is not None:
+        log(f"[{name}] reusing finished {what} {out}")
+        return done
+    return start(resume)
 
 
 def prepare(cfg: Config) -> RunContext:

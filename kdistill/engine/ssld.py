@@ -26,7 +26,7 @@ from ..utils import atomic_write, atomic_write_text, resolve_device, write_json
 from . import distributed as dist
 from .callbacks import log
 from .distill import DistillConfig, distill, narrow
-from .run import run_folder
+from .run import run_folder, run_stage
 
 
 @dataclass
@@ -57,26 +57,13 @@ class SSLDConfig(DistillConfig):
     ssld: SSLDSection = field(default_factory=SSLDSection)
 
 
-def _done(out: Path, epochs: int) -> dict | None:
-    path = out / "summary.json"
-    if path.is_file():
-        s = json.loads(path.read_text())
-        if s.get("epochs") == epochs:
-            return s
-    return None
-
-
 def _stage(cfg: DistillConfig, out: Path, name: str) -> dict:
-    # every rank takes rank 0's decision: a rank that reuses while another trains would hang
-    done = _done(out, cfg.train.epochs) if dist.is_main() else None
-    done, resume = dist.broadcast_object((done, (out / "last.pt").exists()))
-    if done:
-        log(f"[{name}] reusing finished stage {out}")
-        return done
-    cfg.train.out = str(out)
-    cfg.train.resume = resume
-    log(f"[{name}] {'resuming' if cfg.train.resume else 'starting'} {out}")
-    return distill(cfg)
+    def start(resume: bool) -> dict:
+        cfg.train.out, cfg.train.resume = str(out), resume
+        log(f"[{name}] {'resuming' if resume else 'starting'} {out}")
+        return distill(cfg)
+
+    return run_stage(out, cfg.train.epochs, start, name, "stage")
 
 
 def default_dedup(root: str) -> list[str]:
