@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CIFAR, ROOT, ensure_run, machine, save_result, today, update_section  # noqa: E402
+from common import CACHE, CIFAR, ensure_run, machine, save_result, today, update_section  # noqa: E402
 
 
 def measure_throughput(model: str, steps: int) -> dict:

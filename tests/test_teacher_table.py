@@ -2,7 +2,6 @@
 never whole (N x C x 4 bytes: 5 GB at ImageNet size)."""
 import textwrap
 
-import pytest
 import torch
 
 from kdistill.engine import distributed as dist

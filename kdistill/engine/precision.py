@@ -92,7 +92,7 @@ def resolve(device: torch.device, amp: bool | str = "auto", amp_dtype: str = "au
         if dtype is torch.bfloat16 and native:
             return Precision(dtype, f"CPU {cap} with native bf16")
         why = (f"CPU {cap} has no native bf16 (emulated autocast is ~10x slower)" if not native
-               else f"CPU fp16 autocast is emulated")
+               else "CPU fp16 autocast is emulated")
         return Precision(None, why)
     warning = None
     if not (dtype is torch.bfloat16 and native):
