@@ -175,7 +175,7 @@ def cmd_ssld(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    from .engine import distributed as dist
+    from . import distributed as dist
 
     if not dist.is_main():
         return

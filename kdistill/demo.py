@@ -13,7 +13,7 @@ from typing import Callable
 import yaml
 
 from .config import Config, build_config
-from .engine.callbacks import log
+from .console import log
 from .errors import UserError
 from .models.checkpoint import load_model, meta_preprocessing
 from .models.profile import profile

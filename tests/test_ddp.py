@@ -130,7 +130,7 @@ def _worker(kind: str, root: str, out: str, *overrides: str) -> None:
 
     from kdistill.config import Config, build_config
     from kdistill.engine import distill as distill_mod
-    from kdistill.engine import distributed as dist
+    from kdistill import distributed as dist
     from kdistill.engine import run as run_mod
     from kdistill.methods.supervised import Supervised
 

@@ -4,7 +4,7 @@ import textwrap
 
 import torch
 
-from kdistill.engine import distributed as dist
+from kdistill import distributed as dist
 from kdistill.engine.distill import DistillConfig, build_teachers, teacher_table
 from kdistill.engine.run import prepare
 
@@ -67,7 +67,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     sys.path.insert(0, sys.argv[3])
     from test_teacher_table import _context
-    from kdistill.engine import distributed as dist
+    from kdistill import distributed as dist
     from kdistill.engine.distill import teacher_table
 
     root, teacher, tests, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 
+from .. import distributed as dist
 from ..config import DataConfig
 from ..errors import UserError
-from ..engine import distributed as dist
 from .datasets import (ImageDataset, channel_stats, collate, decode_into_memory, open_source,
                        stratified_subset, want_in_memory)
 from .mixed import MixedBatchSampler, MixedDataset

@@ -1,1 +1,1 @@
-"""The one training loop, evaluation and DDP plumbing."""
+"""The one training loop, evaluation and run-folder logging (DDP helpers: kdistill.distributed)."""

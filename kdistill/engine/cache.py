@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .. import distributed as dist
+from ..console import log, progress
 from ..data.datasets import collate
 from ..data.loader import ShardSampler, open_splits
 from ..data.softlabels import (FORMAT, fingerprint, read_manifest, topk_renormalised,
@@ -23,8 +25,6 @@ from ..errors import UserError
 from ..methods.teachers import TeacherSet, load_teacher
 from ..models.checkpoint import resolve_checkpoint
 from ..utils import ensure_writable_dir, file_sha256, resolve_device
-from . import distributed as dist
-from .callbacks import log, progress
 
 
 def teacher_identity(spec: str) -> dict:

@@ -1,27 +1,12 @@
-"""Run-folder logging: console lines, progress bars, metrics.jsonl and TensorBoard."""
+"""Run-folder logging: metrics.jsonl and TensorBoard (console lines and progress bars
+live in :mod:`kdistill.console`)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from . import distributed as dist
+from .. import distributed as dist
 from ..utils import append_jsonl
-
-
-def log(msg: str) -> None:
-    """One line on stderr, from rank 0 only (kept clear of progress bars)."""
-    if dist.is_main():
-        from tqdm import tqdm
-
-        tqdm.write(msg, file=sys.stderr)
-
-
-def progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=not (enabled and dist.is_main()), file=sys.stderr,
-                dynamic_ncols=True, leave=False, mininterval=0.5)
 
 
 class RunLogger:

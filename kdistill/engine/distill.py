@@ -10,15 +10,15 @@ from typing import Any, Literal
 
 import torch
 
+from .. import distributed as dist
 from ..config import Config, _check, dump_yaml
+from ..console import log
 from ..errors import UserError
 from ..losses import LOSSES, Shapes, build_loss
 from ..methods.distill import Distill, LossBank, TermSpec, self_teacher
 from ..methods.teachers import TeacherSet, load_teacher
 from ..models.hooks import FeatureCapture, pair_layers
 from ..utils import resolve_device, write_json
-from . import distributed as dist
-from .callbacks import log
 from .evaluate import Agreement
 from .run import RunContext, fit, prepare, run_folder, run_stage, train
 

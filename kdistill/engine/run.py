@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .. import distributed as dist
 from ..config import Config, dump_yaml
+from ..console import log
 from ..data.loader import (EpochLoader, Splits, eval_dataset, eval_loader, make_mixer, open_splits,
                            resolve_preprocessing, train_dataset)
 from ..data.transforms import Preprocess, Preprocessing
@@ -21,8 +23,6 @@ from ..methods.supervised import Supervised
 from ..models import create_model, default_preprocessing
 from ..models.checkpoint import meta_preprocessing, read_meta, resolve_checkpoint
 from ..utils import ensure_writable_dir, resolve_device, seed_everything
-from . import distributed as dist
-from .callbacks import log
 from .evaluate import EvalHook
 from .trainer import Trainer
 

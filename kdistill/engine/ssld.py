@@ -19,12 +19,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import distributed as dist
 from ..config import _check, dump_yaml
+from ..console import log
 from ..errors import UserError
 from ..mining.dedup import EMBED_THRESHOLD, PHASH_THRESHOLD
 from ..utils import atomic_write, atomic_write_text, resolve_device, write_json
-from . import distributed as dist
-from .callbacks import log
 from .distill import DistillConfig, distill, narrow
 from .run import run_folder, run_stage
 

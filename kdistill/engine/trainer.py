@@ -21,15 +21,16 @@ import torch
 from torch import nn
 
 from .. import __version__
+from .. import distributed as dist
 from ..config import Config
+from ..console import log, progress
 from ..data.transforms import Preprocessing
 from ..errors import TrainingError, UserError
 from ..methods.base import Method
 from ..models.checkpoint import load_state, save_model, save_state
 from ..utils import count_params, seed_everything, write_json
-from . import distributed as dist
 from . import precision as precision_
-from .callbacks import RunLogger, log, progress
+from .callbacks import RunLogger
 from .evaluate import EvalHook, EvalResult, evaluate
 
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from ..engine import distributed as dist
-from ..engine.callbacks import log
+from .. import distributed as dist
+from ..console import log
 from ..errors import UserError
 from ..utils import (atomic_path, atomic_write, atomic_write_text, ensure_writable_file_parent,
                      resolve_device, write_json)

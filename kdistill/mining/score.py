@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from ..console import progress
 from ..data.transforms import eval_transform
-from ..engine.callbacks import progress
 from .dedup import EVAL_CROPS, DedupIndex
 from .pool import PoolImages, ShardBatches, collate_pool
 

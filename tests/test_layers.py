@@ -1,0 +1,60 @@
+"""Imports go one way: engine uses data/ and mining/, never the reverse (issue 14).
+
+The shared helpers both sides need (``kdistill.distributed``, ``kdistill.console``) are
+leaves: they import nothing from the package's layers."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[1] / "kdistill"
+LAYERS = ("data", "mining", "engine", "methods")
+
+
+def imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Absolute names of the ``kdistill`` modules ``path`` imports (top level or inside
+    functions), with ``from .x import y`` also naming ``...x.y`` (y may be a module)."""
+    package = ["kdistill", *path.relative_to(PKG).with_suffix("").parts[:-1]]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source, str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[:len(package) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return {n for n in names if n == "kdistill" or n.startswith("kdistill.")}
+
+
+def in_layer(name: str, layer: str) -> bool:
+    return name == f"kdistill.{layer}" or name.startswith(f"kdistill.{layer}.")
+
+
+@pytest.mark.parametrize("source, name", [
+    ("from ..engine import distributed as dist\n", "kdistill.engine.distributed"),
+    ("def f():\n    from ..engine.callbacks import log\n", "kdistill.engine.callbacks"),
+    ("import kdistill.engine.run\n", "kdistill.engine.run"),
+    ("from kdistill import engine\n", "kdistill.engine"),
+])
+def test_the_check_sees_relative_absolute_and_nested_imports(source, name):
+    assert name in imported_modules(PKG / "data" / "probe.py", source)
+
+
+@pytest.mark.parametrize("layer", ["data", "mining"])
+def test_data_and_mining_do_not_import_engine(layer):
+    bad = {f"{path.relative_to(PKG.parent)}: {name}"
+           for path in sorted((PKG / layer).rglob("*.py"))
+           for name in imported_modules(path) if in_layer(name, "engine")}
+    assert not bad, "kdistill.engine imported from below it:\n" + "\n".join(sorted(bad))
+
+
+@pytest.mark.parametrize("leaf", ["distributed.py", "console.py"])
+def test_shared_helpers_are_leaves(leaf):
+    bad = {name for name in imported_modules(PKG / leaf) for layer in LAYERS if in_layer(name, layer)}
+    assert not bad, f"kdistill/{leaf} must not import the package's layers: {sorted(bad)}"
