@@ -23,8 +23,9 @@ from .utils import atomic_write_text, ensure_writable_dir, write_json
 # without native bf16 (fp32; bench/demo_time.py). The teacher sees more images than the
 # students, as a real teacher would. At 6 x 5,000 images KD at T = 2 beat the baseline
 # student on each of 3 seeds, by +0.57 points on average (T = 4: +0.15, one seed below;
-# BENCHMARKS.md "The first run"). Validation runs once, after the last epoch, on 5,000
-# val images.
+# BENCHMARKS.md "The first run"; T was picked on those same val images, so that edge is not
+# evidence for T = 2 in general). Validation runs once, after the last epoch, on 5,000 val
+# images.
 FULL = {"val_images": 5000, "teacher": ("resnet20", 3, 10000), "student": ("resnet8", 6, 5000)}
 QUICK = {"val_images": 600, "teacher": ("resnet14", 1, 1200), "student": ("resnet8", 1, 1200)}
 KD = ["distill.losses=[kd:0.9, ce:0.1]", "distill.loss_params={kd: {temperature: 2.0}}"]

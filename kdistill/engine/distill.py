@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +19,7 @@ from ..methods.teachers import TeacherSet, load_teacher
 from ..models.hooks import FeatureCapture, pair_layers
 from ..utils import resolve_device, write_json
 from .evaluate import Agreement
-from .run import RunContext, fit, prepare, run_folder, run_stage, train
+from .run import RunContext, copy_checkpoints, fit, prepare, run_folder, run_stage, train
 
 
 @dataclass
@@ -257,10 +256,7 @@ def _born_again(cfg: DistillConfig) -> dict:
                      "best": summary.get("best", {})})
         teachers = [str(out / f"gen{g}")]
     if dist.is_main():
-        last = out / f"gen{cfg.distill.generations}"
-        for name in ("best.safetensors", "last.safetensors"):
-            if (last / name).is_file():
-                shutil.copyfile(last / name, out / name)
+        copy_checkpoints(out / f"gen{cfg.distill.generations}", out)
         summary = {**summary, "out": str(out), "generations": rows}
         write_json(out / "summary.json", summary)
     dist.barrier()  # no rank returns before the run folder is complete

@@ -22,7 +22,7 @@ from ..methods.base import Method
 from ..methods.supervised import Supervised
 from ..models import create_model, default_preprocessing
 from ..models.checkpoint import meta_preprocessing, read_meta, resolve_checkpoint
-from ..utils import ensure_writable_dir, resolve_device, seed_everything
+from ..utils import atomic_write, ensure_writable_dir, resolve_device, seed_everything
 from .evaluate import EvalHook
 from .trainer import Trainer
 
@@ -62,12 +62,24 @@ def check_out(out: Path, resume: bool) -> None:
         raise UserError(f"--out '{out}' exists and is not a folder")
 
 
+def copy_checkpoints(src: Path, dst: Path) -> None:
+    """Copy a finished stage's ``best``/``last.safetensors`` up to the folder of the whole
+    run (ssld, born-again), atomically."""
+    import functools
+    import shutil
+
+    for name in ("best.safetensors", "last.safetensors"):
+        if (src / name).is_file():
+            atomic_write(dst / name, functools.partial(shutil.copyfile, src / name))
+
+
 def run_stage(out: Path, epochs: int, start: Callable[[bool], dict], name: str, what: str = "run",
               reuse: Callable[[dict], bool] | None = None) -> dict:
     """Reuse a finished run folder ``out``, resume an interrupted one, else start it.
 
     Returns ``out``'s summary when it finished and ``reuse(summary)`` holds (default: it ran
-    ``epochs`` epochs; ``reuse`` may raise to refuse a finished run outright), else
+    ``epochs`` epochs; ``reuse`` may raise to refuse a finished run outright, in a
+    single process only: under torchrun the other ranks would wait), else
     ``start(resume)``, with ``resume`` true when ``out`` holds a checkpoint to continue.
     Under torchrun every rank takes rank 0's decision: a rank that reused while another
     trained would hang."""

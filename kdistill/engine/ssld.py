@@ -13,9 +13,7 @@ val metrics closes the run (``<out>/ssld.md``, ``<out>/summary.json``).
 from __future__ import annotations
 
 import copy
-import functools
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +22,9 @@ from ..config import _check, dump_yaml
 from ..console import log
 from ..errors import UserError
 from ..mining.dedup import EMBED_THRESHOLD, PHASH_THRESHOLD
-from ..utils import atomic_write, atomic_write_text, resolve_device, write_json
+from ..utils import atomic_write_text, resolve_device, write_json
 from .distill import DistillConfig, distill, narrow
-from .run import run_folder, run_stage
+from .run import copy_checkpoints, run_folder, run_stage
 
 
 @dataclass
@@ -160,9 +158,6 @@ def _ssld(cfg: SSLDConfig) -> dict:
         print(table)
         atomic_write_text(out / "ssld.md", table + "\n")
         write_json(out / "summary.json", final)
-        final_dir = out / ("finetune" if sc.finetune_epochs > 0 else "distill")
-        for name in ("best.safetensors", "last.safetensors"):
-            if (final_dir / name).is_file():
-                atomic_write(out / name, functools.partial(shutil.copyfile, final_dir / name))
+        copy_checkpoints(out / ("finetune" if sc.finetune_epochs > 0 else "distill"), out)
     dist.barrier()  # no rank returns before the run folder is complete
     return final
