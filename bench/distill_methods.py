@@ -40,7 +40,8 @@ def throughput(student: str, methods: list[str], steps: int, train_images: int |
     memoize_splits()
 
     from kdistill.cli import build_parser, distill_config
-    from kdistill.data.loader import EpochLoader, train_dataset
+    from kdistill.data.datasets import train_dataset
+    from kdistill.data.loader import EpochLoader
     from kdistill.engine.distill import build_method
     from kdistill.engine.run import prepare
     from kdistill.engine.trainer import Trainer

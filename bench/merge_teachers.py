@@ -72,8 +72,9 @@ def joined_teachers(runs: list[str]) -> dict:
     (distill.merge=concat, argmax): what a label-free student is taught."""
     import torch
 
-    from kdistill.data.datasets import open_source
-    from kdistill.data.loader import eval_dataset, eval_loader
+    from kdistill.data.datasets import eval_dataset
+    from kdistill.data.loader import eval_loader
+    from kdistill.data.sources import open_source
     from kdistill.engine.evaluate import evaluate
     from kdistill.methods.teachers import TeacherSet, load_teacher
 

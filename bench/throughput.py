@@ -110,7 +110,8 @@ def _cfg_args(arm: str, steps: int, amp: str, teacher: Path) -> list[str]:
 def distill_trainer(argv: list[str]):
     """The Trainer that ``kdistill ARGV`` (a distill command) would run, with no val loader."""
     from kdistill.cli import build_parser, distill_config
-    from kdistill.data.loader import EpochLoader, train_dataset
+    from kdistill.data.datasets import train_dataset
+    from kdistill.data.loader import EpochLoader
     from kdistill.engine.distill import build_method, train_views
     from kdistill.engine.run import prepare
     from kdistill.engine.trainer import Trainer

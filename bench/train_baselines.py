@@ -20,7 +20,8 @@ def measure_throughput(model: str, steps: int) -> dict:
     from throughput import alternate, kdistill_loop, plain_loop
 
     from kdistill.config import Config, build_config
-    from kdistill.data.loader import EpochLoader, train_dataset
+    from kdistill.data.datasets import train_dataset
+    from kdistill.data.loader import EpochLoader
     from kdistill.engine.run import prepare
     from kdistill.engine.trainer import Trainer
     from kdistill.methods.supervised import Supervised

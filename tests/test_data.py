@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from kdistill.config import DataConfig
-from kdistill.data.datasets import (ImageDataset, channel_stats, collate, decode_into_memory,
-                                    open_source, stratified_subset)
-from kdistill.data.loader import EpochLoader, open_splits
-from kdistill.data.sources import FASHION_MNIST_DIR, parse_list_line
+from kdistill.data.datasets import ImageDataset, channel_stats, decode_into_memory, open_splits
+from kdistill.data.loader import EpochLoader, collate
+from kdistill.data.sources import FASHION_MNIST_DIR, open_source, parse_list_line, stratified_subset
 from kdistill.data.transforms import Preprocess, Preprocessing, train_transform, tta_views
 from kdistill.errors import UserError
 

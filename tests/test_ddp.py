@@ -44,7 +44,7 @@ def _spoil(root, rank: int, batch: int, world: int = 2) -> None:
     (the same DistributedSampler order as kdistill's EpochLoader)."""
     from torch.utils.data import DistributedSampler
 
-    from kdistill.data.datasets import open_source
+    from kdistill.data.sources import open_source
 
     source = open_source(str(root), "train")
     sampler = DistributedSampler(range(len(source)), num_replicas=world, rank=rank, shuffle=True,

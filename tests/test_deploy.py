@@ -177,7 +177,7 @@ def test_bad_input_subprocess_one_line_no_traceback(tmp_path):
 
 def reference_probs(run: Path, paths: list[Path]) -> np.ndarray:
     """Probabilities the evaluation path (eval_transform + Preprocess) gives these files."""
-    from kdistill.data.sources import read_image
+    from kdistill.images import read_image
     from kdistill.data.transforms import Preprocess, eval_transform
     from kdistill.engine.evaluate import predict_probs
     from kdistill.models.checkpoint import load_model, meta_preprocessing

@@ -1,7 +1,8 @@
 """Imports go one way: engine uses data/ and mining/, never the reverse (issue 14).
 
-The shared helpers both sides need (``kdistill.distributed``, ``kdistill.console``) are
-leaves: they import nothing from the package's layers."""
+The shared helpers both sides need (``kdistill.distributed``, ``kdistill.console``,
+``kdistill.images``) are leaves: they import nothing from the package's layers. Inside
+``data/``, each stage imports only the stages below it."""
 from __future__ import annotations
 
 import ast
@@ -54,7 +55,49 @@ def test_data_and_mining_do_not_import_engine(layer):
     assert not bad, "kdistill.engine imported from below it:\n" + "\n".join(sorted(bad))
 
 
-@pytest.mark.parametrize("leaf", ["distributed.py", "console.py"])
+@pytest.mark.parametrize("leaf", ["distributed.py", "console.py", "images.py"])
 def test_shared_helpers_are_leaves(leaf):
     bad = {name for name in imported_modules(PKG / leaf) for layer in LAYERS if in_layer(name, layer)}
     assert not bad, f"kdistill/{leaf} must not import the package's layers: {sorted(bad)}"
+
+
+
+#: data/ in three stages, each importing only the stages below it (issue 14): sources (which
+#: files), datasets (how an item is made; views and softlabels make items too), loader (how
+#: batches are formed). transforms holds the pixel operations items use; it imports no stage.
+DATA_STAGE = {"sources": 0, "transforms": 0, "datasets": 1, "views": 1, "softlabels": 1, "loader": 2}
+
+
+def data_imports(module: str) -> set[str]:
+    """The other ``kdistill.data`` modules (or the package itself) data/``module``.py imports."""
+    return {name for name in imported_modules(PKG / "data" / f"{module}.py")
+            if in_layer(name, "data") and not name.startswith(f"kdistill.data.{module}")}
+
+
+def stage_of(name: str) -> int | None:
+    parts = name.split(".")
+    return DATA_STAGE.get(parts[2]) if len(parts) > 2 else None
+
+
+def test_every_data_module_has_a_stage():
+    modules = {p.stem for p in (PKG / "data").glob("*.py")} - {"__init__"}
+    assert modules == set(DATA_STAGE), f"give each data module a stage in DATA_STAGE: {modules ^ set(DATA_STAGE)}"
+
+
+@pytest.mark.parametrize("module", ["sources", "transforms"])
+def test_bottom_data_modules_import_no_other_data_module(module):
+    assert not data_imports(module), f"data/{module}.py imports {sorted(data_imports(module))}"
+
+
+@pytest.mark.parametrize("module", sorted(DATA_STAGE))
+def test_data_modules_import_only_stages_below(module):
+    bad = {name for name in data_imports(module)
+           if stage_of(name) is None or stage_of(name) >= DATA_STAGE[module]}
+    assert not bad, f"data/{module}.py imports data modules not below its stage: {sorted(bad)}"
+
+
+def test_datasets_does_not_import_loader_nor_loader_sources():
+    assert not {n for n in data_imports("datasets") if n.startswith("kdistill.data.loader")}, \
+        "data/datasets.py makes items; batches (data/loader.py) are formed above it"
+    assert not {n for n in data_imports("loader") if n.startswith("kdistill.data.sources")}, \
+        "data/loader.py reaches files only through data/datasets.py"

@@ -75,7 +75,7 @@ def read_list(path: Path) -> list[tuple[str, int, float]]:
 
 def reference_probs(run: Path, paths: list[str]) -> np.ndarray:
     """Teacher probabilities, one image at a time (a plain loop: the brute-force reference)."""
-    from kdistill.data.sources import read_image
+    from kdistill.images import read_image
     from kdistill.data.transforms import eval_transform
     from kdistill.methods.teachers import load_teacher
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from kdistill.cli import main
-from kdistill.data.mixed import MixedBatchSampler
+from kdistill.data.loader import MixedBatchSampler
 from kdistill.data.sources import UNLABELED, open_unlabeled
 from kdistill.data.transforms import Preprocess, Preprocessing
 from kdistill.errors import UserError

@@ -1,79 +1,79 @@
-"""Resolve a data ROOT into split sources, decode small images into RAM, wrap as Datasets."""
+"""Stage 2 of the data pipeline, how an item is made: the splits a config opens (decoded
+once into RAM when small), the preprocessing they resolve to, and the Datasets that turn
+an index into ``{"image", "target", "index"}``.
+
+Files come from ``sources`` (the stage below); batches are formed by ``loader`` (the
+stage above), which this module does not import. ``views`` (replayable views) and
+``softlabels`` (a cache of teacher outputs per view) make items at this level too.
+"""
 from __future__ import annotations
 
 import random
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import DataConfig
 from ..errors import UserError
-from .sources import Source, fashion_mnist, open_split
+from ..images import read_image
+from .sources import UNLABELED, Source, open_source, open_unlabeled, stratified_subset
+from .transforms import Preprocessing, eval_transform, train_transform
 
 IN_MEMORY_AUTO_BYTES = 3 * 2**30  # decode into RAM when the split fits in this
 
 
-def split_spec(root: str, split: str, explicit: str | None = None) -> str | None:
-    """Where ``split`` lives: explicit path, ``ROOT/<split>``, a ``ROOT/<split>_list.txt`` or
-    the sibling of a list-file ROOT with 'train' replaced by the split name."""
-    if explicit:
-        return explicit
-    p = Path(root)
-    if p.is_dir():
-        for cand in (p / split, p / f"{split}_list.txt", p / f"{split}.txt"):
-            if cand.exists():
-                return str(cand)
-        return None
-    if p.is_file():
-        if split == "train":
-            return str(p)
-        if "train" in p.name:
-            sib = p.with_name(p.name.replace("train", split))
-            if sib.exists():
-                return str(sib)
-    return None
+# ------------------------------------------------------------------ the splits of a config
 
 
-def open_source(root: str, split: str, explicit: str | None = None,
-                classes: list[str] | None = None, class_map: str | None = None,
-                required: bool = True) -> Source | None:
-    """Open one split of ROOT (folder, list file or 'fashion-mnist')."""
-    if root == "fashion-mnist" and not explicit:
-        if split not in ("train", "val", "test"):
-            raise UserError(f"fashion-mnist has no '{split}' split (train, val, test)")
-        return fashion_mnist(split)
-    if not explicit and not Path(root).exists():
-        raise UserError(f"data root '{root}' does not exist (give a folder with train/ and val/, "
-                        "a list file, or 'fashion-mnist')")
-    spec = split_spec(root, split, explicit)
-    if spec is None:
-        if required:
-            raise UserError(f"data root '{root}' has no '{split}' split "
-                            f"(expected {root}/{split}/<class>/<image> or {split}_list.txt)")
-        return None
-    return open_split(spec, split, classes, class_map)
+@dataclass
+class Splits:
+    train: Source
+    val: Source | None
+    native_size: int  # the training images' own (square-ish) size, from the first one
+    unlabeled: Source | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.train.classes
 
 
-def stratified_subset(source: Source, n: int, seed: int = 0) -> Source:
-    """At most ``n`` images, drawn class by class in turn from a seeded shuffle."""
-    if n >= len(source):
-        return source
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for i, y in enumerate(source.labels):
-        by_class.setdefault(y, []).append(i)
-    for idx in by_class.values():
-        rng.shuffle(idx)
-    picked: list[int] = []
-    queues = [by_class[c] for c in sorted(by_class)]
-    depth = 0
-    while len(picked) < n:
-        for q in queues:
-            if depth < len(q) and len(picked) < n:
-                picked.append(q[depth])
-        depth += 1
-    return source.subset(sorted(picked))
+def open_splits(cfg: DataConfig, need_val: bool = True) -> Splits:
+    """The train / val (/ unlabeled) sources of ``cfg``: subsets, ``ignore_labels`` (every
+    training target ``UNLABELED``) and decoding into RAM applied."""
+    train = open_source(cfg.root, "train", cfg.train, class_map=cfg.class_map)
+    val = open_source(cfg.root, "val", cfg.val, train.classes, cfg.class_map, required=need_val)
+    if cfg.max_train_images:
+        train = stratified_subset(train, cfg.max_train_images)
+    if val is not None and cfg.max_val_images:
+        val = stratified_subset(val, cfg.max_val_images)
+    if cfg.ignore_labels:
+        train = Source(train.name, train.classes, [UNLABELED] * len(train), train.paths, train.array, train.bad)
+    unlabeled = open_unlabeled(cfg.unlabeled, train.classes) if cfg.unlabeled else None
+    train, val, unlabeled = (decode_into_memory(s, cfg.workers) if s is not None and want_in_memory(s, cfg.in_memory)
+                             else s for s in (train, val, unlabeled))
+    return Splits(train, val, native_size(train), unlabeled)
+
+
+def native_size(source: Source) -> int:
+    for i in range(min(len(source), 16)):
+        img = source.load(i)
+        if img is not None:
+            return int(min(img.shape[-2:]))
+    raise UserError(f"none of the first images of split '{source.name}' can be read")
+
+
+def want_in_memory(source: Source, mode: str) -> bool:
+    if source.in_memory or mode == "no":
+        return False
+    if mode == "yes":
+        return True
+    for i in range(min(len(source), 8)):  # estimate from the first readable image
+        img = source.load(i)
+        if img is not None:
+            return img.numel() * len(source) <= IN_MEMORY_AUTO_BYTES
+    return False
 
 
 def decode_into_memory(source: Source, workers: int = 2) -> Source:
@@ -107,24 +107,28 @@ class _RawFiles(Dataset):
         return len(self.source)
 
     def __getitem__(self, i: int):
-        from .sources import read_image
-
         try:  # numpy, not a tensor: tensors cross processes as one file descriptor each
             return i, read_image(self.source.paths[i]).numpy(), ""
         except Exception as err:  # noqa: BLE001
             return i, None, f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
-def want_in_memory(source: Source, mode: str) -> bool:
-    if source.in_memory or mode == "no":
-        return False
-    if mode == "yes":
-        return True
-    for i in range(min(len(source), 8)):  # estimate from the first readable image
-        img = source.load(i)
-        if img is not None:
-            return img.numel() * len(source) <= IN_MEMORY_AUTO_BYTES
-    return False
+# ------------------------------------------------------------------ preprocessing
+
+
+def resolve_preprocessing(cfg: DataConfig, splits: Splits,
+                          model_default: Preprocessing | None) -> Preprocessing:
+    """Image size: config, else the pretrained model's, else the images' own. Mean/std:
+    config, else the pretrained model's, else statistics of the training images."""
+    size = cfg.image_size or (model_default.image_size if model_default else splits.native_size)
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = cfg.mean, cfg.std
+    elif model_default is not None:
+        mean, std = model_default.mean, model_default.std
+    else:
+        mean, std = channel_stats(splits.train)
+    crop_pct = cfg.eval_crop_pct if cfg.eval_crop_pct != 1.0 or model_default is None else model_default.crop_pct
+    return Preprocessing(size, list(mean), list(std), crop_pct)
 
 
 def channel_stats(source: Source, max_images: int = 5000) -> tuple[list[float], list[float]]:
@@ -147,6 +151,9 @@ def channel_stats(source: Source, max_images: int = 5000) -> tuple[list[float], 
     mean = total / count
     std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+# ------------------------------------------------------------------ items
 
 
 class ImageDataset(Dataset):
@@ -173,15 +180,42 @@ class ImageDataset(Dataset):
         return {"image": img, "target": self.source.labels[i], "index": i}
 
 
-def collate(samples: list[dict]) -> dict:
-    """Stack good samples (images, targets, indices and any extra tensors, e.g. a teacher's
-    outputs or its own view); unreadable ones are listed under ``"skipped"``."""
-    good = [s for s in samples if "skipped" not in s]
-    batch: dict = {"skipped": [s["skipped"] for s in samples if "skipped" in s]}
-    if good:
-        batch["image"] = torch.stack([s["image"] for s in good])
-        batch["target"] = torch.tensor([s["target"] for s in good], dtype=torch.long)
-        batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
-        for key in good[0].keys() - {"image", "target", "index"}:
-            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in good])
-    return batch
+class MixedDataset(Dataset):
+    """Labeled + unlabeled training data (SSLD): ``labeled`` then ``unlabeled``; index
+    ``i >= len(labeled)`` is unlabeled image ``i - len(labeled)`` (target ``UNLABELED``:
+    label-free loss terms use every image, label terms only the labeled ones); the sample's
+    ``index`` is the global one. ``loader.MixedBatchSampler`` sets the unlabeled share."""
+
+    def __init__(self, labeled: ImageDataset, unlabeled: ImageDataset) -> None:
+        self.labeled, self.unlabeled = labeled, unlabeled
+        self.n_labeled = len(labeled)
+        self.source = labeled.source  # for reporting unreadable files
+
+    def __len__(self) -> int:
+        return self.n_labeled + len(self.unlabeled)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.labeled.classes
+
+    def __getitem__(self, i: int) -> dict:
+        if i < self.n_labeled:
+            return self.labeled[i]
+        sample = self.unlabeled[i - self.n_labeled]
+        if "index" in sample:
+            sample["index"] = i
+        return sample
+
+
+def train_dataset(cfg: DataConfig, source: Source, native: int, size: int,
+                  unlabeled: Source | None = None) -> Dataset:
+    """The augmented training set; with ``unlabeled``, a :class:`MixedDataset` (labeled
+    first) whose unlabeled images get the same augmentation."""
+    tf = train_transform(size, native, cfg.crop, cfg.scale, cfg.padding, cfg.hflip, cfg.auto_augment)
+    if unlabeled is None:
+        return ImageDataset(source, tf)
+    return MixedDataset(ImageDataset(source, tf), ImageDataset(unlabeled, tf))
+
+
+def eval_dataset(source: Source, pp: Preprocessing) -> ImageDataset:
+    return ImageDataset(source, eval_transform(pp.image_size, pp.crop_pct))

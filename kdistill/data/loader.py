@@ -1,7 +1,12 @@
-"""Build split datasets, per-model preprocessing and (distributed) DataLoaders."""
+"""Stage 3 of the data pipeline, how batches are formed: samplers (shuffled and replayable,
+distributed, sharded for evaluation, labeled + unlabeled at a set ratio), collation, the
+DataLoaders and batch-level mixup.
+
+Items come from ``datasets`` (the stage below); this module never opens files itself.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
@@ -9,75 +14,21 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from .. import distributed as dist
 from ..config import DataConfig
 from ..errors import UserError
-from .datasets import (ImageDataset, channel_stats, collate, decode_into_memory, open_source,
-                       stratified_subset, want_in_memory)
-from .mixed import MixedBatchSampler, MixedDataset
-from .sources import UNLABELED, Source, open_unlabeled
-from .transforms import Preprocessing, eval_transform, train_transform
+from .datasets import ImageDataset
 
 
-@dataclass
-class Splits:
-    train: Source
-    val: Source | None
-    native_size: int  # the training images' own (square-ish) size, from the first one
-    unlabeled: Source | None = None
-
-    @property
-    def classes(self) -> list[str]:
-        return self.train.classes
-
-
-def open_splits(cfg: DataConfig, need_val: bool = True) -> Splits:
-    train = open_source(cfg.root, "train", cfg.train, class_map=cfg.class_map)
-    val = open_source(cfg.root, "val", cfg.val, train.classes, cfg.class_map, required=need_val)
-    if cfg.max_train_images:
-        train = stratified_subset(train, cfg.max_train_images)
-    if val is not None and cfg.max_val_images:
-        val = stratified_subset(val, cfg.max_val_images)
-    if cfg.ignore_labels:
-        train = Source(train.name, train.classes, [UNLABELED] * len(train), train.paths, train.array, train.bad)
-    unlabeled = open_unlabeled(cfg.unlabeled, train.classes) if cfg.unlabeled else None
-    train, val, unlabeled = (decode_into_memory(s, cfg.workers) if s is not None and want_in_memory(s, cfg.in_memory)
-                             else s for s in (train, val, unlabeled))
-    return Splits(train, val, native_size(train), unlabeled)
-
-
-def native_size(source: Source) -> int:
-    for i in range(min(len(source), 16)):
-        img = source.load(i)
-        if img is not None:
-            return int(min(img.shape[-2:]))
-    raise UserError(f"none of the first images of split '{source.name}' can be read")
-
-
-def resolve_preprocessing(cfg: DataConfig, splits: Splits,
-                          model_default: Preprocessing | None) -> Preprocessing:
-    """Image size: config, else the pretrained model's, else the images' own. Mean/std:
-    config, else the pretrained model's, else statistics of the training images."""
-    size = cfg.image_size or (model_default.image_size if model_default else splits.native_size)
-    if cfg.mean is not None and cfg.std is not None:
-        mean, std = cfg.mean, cfg.std
-    elif model_default is not None:
-        mean, std = model_default.mean, model_default.std
-    else:
-        mean, std = channel_stats(splits.train)
-    crop_pct = cfg.eval_crop_pct if cfg.eval_crop_pct != 1.0 or model_default is None else model_default.crop_pct
-    return Preprocessing(size, list(mean), list(std), crop_pct)
-
-
-def train_dataset(cfg: DataConfig, source: Source, native: int, size: int,
-                  unlabeled: Source | None = None) -> Dataset:
-    """The augmented training set; with ``unlabeled``, a :class:`MixedDataset` (labeled
-    first) whose unlabeled images get the same augmentation."""
-    tf = train_transform(size, native, cfg.crop, cfg.scale, cfg.padding, cfg.hflip, cfg.auto_augment)
-    if unlabeled is None:
-        return ImageDataset(source, tf)
-    return MixedDataset(ImageDataset(source, tf), ImageDataset(unlabeled, tf))
-
-
-def eval_dataset(source: Source, pp: Preprocessing) -> ImageDataset:
-    return ImageDataset(source, eval_transform(pp.image_size, pp.crop_pct))
+def collate(samples: list[dict]) -> dict:
+    """Stack good samples (images, targets, indices and any extra tensors, e.g. a teacher's
+    outputs or its own view); unreadable ones are listed under ``"skipped"``."""
+    good = [s for s in samples if "skipped" not in s]
+    batch: dict = {"skipped": [s["skipped"] for s in samples if "skipped" in s]}
+    if good:
+        batch["image"] = torch.stack([s["image"] for s in good])
+        batch["target"] = torch.tensor([s["target"] for s in good], dtype=torch.long)
+        batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
+        for key in good[0].keys() - {"image", "target", "index"}:
+            batch[key] = torch.stack([torch.as_tensor(s[key]) for s in good])
+    return batch
 
 
 class ShardSampler(Sampler[int]):
@@ -93,12 +44,54 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
+class MixedBatchSampler(Sampler[list[int]]):
+    """Batches of ``batch_size`` with ``round(batch_size * fraction)`` unlabeled images, over
+    a :class:`~kdistill.data.datasets.MixedDataset` (labeled indices first).
+
+    An epoch has ``(n_labeled + n_unlabeled) // (batch_size * world)`` batches per process,
+    each side cycling through its own shuffled order; the order is a function of
+    ``(seed, epoch)`` only, and process ``rank`` takes every ``world``-th batch, so DDP ranks
+    see disjoint batches and a resumed run replays the same ones.
+    """
+
+    def __init__(self, n_labeled: int, n_unlabeled: int, batch_size: int, fraction: float,
+                 seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n_l, self.n_u = n_labeled, n_unlabeled
+        self.b_u = min(max(round(batch_size * fraction), 1 if fraction > 0 else 0), batch_size)
+        self.b_l = batch_size - self.b_u
+        if (self.b_l and not n_labeled) or (self.b_u and not n_unlabeled):
+            raise ValueError("a side of the mix is empty")
+        self.seed, self.rank, self.world = seed, rank, world
+        self.epoch = 0
+        self.batches = max((n_labeled + n_unlabeled) // (batch_size * world), 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _stream(self, n: int, offset: int, count: int, g: torch.Generator) -> torch.Tensor:
+        reps = math.ceil(count / n) if n else 0
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(reps)]) if reps else torch.empty(0, dtype=torch.long)
+        return order[:count] + offset
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch * 1_009)
+        total = self.batches * self.world
+        lab = self._stream(self.n_l, 0, total * self.b_l, g).view(total, self.b_l)
+        unl = self._stream(self.n_u, self.n_l, total * self.b_u, g).view(total, self.b_u)
+        for b in range(self.rank, total, self.world):
+            yield torch.cat([lab[b], unl[b]]).tolist()
+
+    def __len__(self) -> int:
+        return self.batches
+
+
 class EpochLoader:
     """A training DataLoader whose shuffling and worker seeds are a function of
     ``(seed, epoch, rank)`` only, so a resumed run replays exactly the same batches.
 
-    With ``unlabeled_fraction`` (a :class:`MixedDataset`), every batch holds that share of
-    unlabeled images; otherwise images are drawn uniformly from the whole dataset."""
+    With ``unlabeled_fraction`` (a :class:`~kdistill.data.datasets.MixedDataset`), every
+    batch holds that share of unlabeled images; otherwise images are drawn uniformly from
+    the whole dataset."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int,
                  pin_memory: bool = False, unlabeled_fraction: float | None = None) -> None:

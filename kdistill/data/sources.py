@@ -1,13 +1,16 @@
-"""Image sources: ImageFolder trees, PaddleClas list files, Fashion-MNIST, decoded-in-RAM arrays.
+"""Stage 1 of the data pipeline, which files: ImageFolder trees, PaddleClas list files,
+unlabeled folders, Fashion-MNIST, and the split of a data ROOT each comes from.
 
 A source maps an index to ``(uint8 CHW RGB tensor | None, label)``: ``None`` marks an
-unreadable file, which loaders skip and count instead of failing.
+unreadable file, which loaders skip and count instead of failing. Items and batches are
+made above this module (``datasets``, then ``loader``); it imports neither.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
+import random
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,67 +20,13 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..utils import first_line
+from ..images import read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                          "sneaker", "bag", "ankle-boot"]
 FASHION_MNIST_VAL = 5000  # the last 5,000 official training images form val/
-
-
-class UnreadableImage(ValueError):
-    """A file or upload that is not a usable image; ``too_large`` marks a pixel-count limit."""
-
-    def __init__(self, message: str, too_large: bool = False) -> None:
-        super().__init__(message)
-        self.too_large = too_large
-
-
-def read_image(source: str | bytes, max_pixels: int | None = None) -> torch.Tensor:
-    """Decode a file path or bytes to a uint8 (3, H, W) RGB tensor (first frame of an
-    animation); raises :class:`UnreadableImage` on anything that is not a usable image.
-
-    Decoded with PIL, not torchvision.io: with torchvision 0.29 a PNG whose compressed data
-    is corrupt (one flipped byte in IDAT with a valid CRC) kills the process with a segfault
-    in libpng's error path, which no ``except`` can catch, so one bad file would end a
-    training run; PIL raises instead, and gives the same pixels on valid JPEG / PNG / WebP /
-    GIF files. The size is read from the header before decoding: over ``max_pixels``
-    (decompression bombs), or over PIL's own bomb limit, it is refused with ``too_large``.
-    """
-    import io
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(source, (bytes, bytearray)):
-        if not source:
-            raise UnreadableImage("empty file")
-        fh = io.BytesIO(source)
-    else:
-        if os.path.getsize(source) == 0:
-            raise UnreadableImage("empty file")
-        fh = source
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(fh) as im:
-                width, height = im.size  # header only: nothing decoded yet
-                if max_pixels is not None and width * height > max_pixels:
-                    raise UnreadableImage(f"image has {width}x{height} = {width * height} pixels, "
-                                          f"over the limit of {max_pixels}", too_large=True)
-                arr = np.asarray(im.convert("RGB"))
-    except UnreadableImage:
-        raise
-    except Image.DecompressionBombError as err:
-        raise UnreadableImage(f"image too large ({first_line(err)})", too_large=True) from None
-    except UnidentifiedImageError:
-        raise UnreadableImage("not a readable image (unknown format or corrupt header)") from None
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for corrupt data
-        raise UnreadableImage(f"not a readable image ({type(err).__name__}: {first_line(err)})") from None
-    if arr.ndim != 3 or arr.shape[0] * arr.shape[1] == 0:
-        raise UnreadableImage("image has no pixels")
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -374,3 +323,68 @@ def fashion_mnist(split: str) -> Source:
     arr = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28)
     return Source(f"fashion-mnist/{split}", list(FASHION_MNIST_CLASSES),
                   labels.astype(np.int64).tolist(), array=arr)
+
+
+# ------------------------------------------------------------------ a split of a data ROOT
+
+
+def split_spec(root: str, split: str, explicit: str | None = None) -> str | None:
+    """Where ``split`` lives: explicit path, ``ROOT/<split>``, a ``ROOT/<split>_list.txt`` or
+    the sibling of a list-file ROOT with 'train' replaced by the split name."""
+    if explicit:
+        return explicit
+    p = Path(root)
+    if p.is_dir():
+        for cand in (p / split, p / f"{split}_list.txt", p / f"{split}.txt"):
+            if cand.exists():
+                return str(cand)
+        return None
+    if p.is_file():
+        if split == "train":
+            return str(p)
+        if "train" in p.name:
+            sib = p.with_name(p.name.replace("train", split))
+            if sib.exists():
+                return str(sib)
+    return None
+
+
+def open_source(root: str, split: str, explicit: str | None = None,
+                classes: list[str] | None = None, class_map: str | None = None,
+                required: bool = True) -> Source | None:
+    """Open one split of ROOT (folder, list file or 'fashion-mnist')."""
+    if root == "fashion-mnist" and not explicit:
+        if split not in ("train", "val", "test"):
+            raise UserError(f"fashion-mnist has no '{split}' split (train, val, test)")
+        return fashion_mnist(split)
+    if not explicit and not Path(root).exists():
+        raise UserError(f"data root '{root}' does not exist (give a folder with train/ and val/, "
+                        "a list file, or 'fashion-mnist')")
+    spec = split_spec(root, split, explicit)
+    if spec is None:
+        if required:
+            raise UserError(f"data root '{root}' has no '{split}' split "
+                            f"(expected {root}/{split}/<class>/<image> or {split}_list.txt)")
+        return None
+    return open_split(spec, split, classes, class_map)
+
+
+def stratified_subset(source: Source, n: int, seed: int = 0) -> Source:
+    """At most ``n`` images, drawn class by class in turn from a seeded shuffle."""
+    if n >= len(source):
+        return source
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(source.labels):
+        by_class.setdefault(y, []).append(i)
+    for idx in by_class.values():
+        rng.shuffle(idx)
+    picked: list[int] = []
+    queues = [by_class[c] for c in sorted(by_class)]
+    depth = 0
+    while len(picked) < n:
+        for q in queues:
+            if depth < len(q) and len(picked) < n:
+                picked.append(q[depth])
+        depth += 1
+    return source.subset(sorted(picked))

@@ -121,7 +121,7 @@ def parity_inputs(pp: Preprocessing, classes: list[str], checkpoint: Path, data:
                   n: int) -> tuple[np.ndarray, str]:
     """Up to ``n`` val images (float32 [0, 1], cropped as in evaluation) and where they came
     from; random inputs when the run records no readable data and ``data`` is not given."""
-    from ..data.datasets import open_source, stratified_subset
+    from ..data.sources import open_source, stratified_subset
 
     root, val = data, None
     if root is None:

@@ -3,7 +3,7 @@
 MODEL is an ONNX file, a TorchScript file, a run folder or a .safetensors checkpoint.
 Arguments may be image files or folders (searched recursively for image extensions).
 Images are decoded with PIL (:func:`kdistill.deploy.runtime.read_rgb`: the same pixels as
-evaluation's :func:`kdistill.data.sources.read_image`, without its crash on corrupt PNGs),
+evaluation's :func:`kdistill.images.read_image`, without its crash on corrupt PNGs),
 cropped exactly as in evaluation (``ResizeCenterCrop(image_size, crop_pct)``) and fed as
 [0, 1] floats (the normalisation is part of the model), in batches.
 

@@ -214,9 +214,9 @@ class Preparer:
 
 
 def read_rgb(source: str | bytes, max_pixels: int | None = None) -> torch.Tensor:
-    """:func:`kdistill.data.sources.read_image` (PIL; the decoder evaluation uses), with its
+    """:func:`kdistill.images.read_image` (PIL; the decoder evaluation uses), with its
     errors as :class:`ImageError`: 413 for images over ``max_pixels``, else 400."""
-    from ..data.sources import UnreadableImage, read_image
+    from ..images import UnreadableImage, read_image
 
     try:
         return read_image(source, max_pixels)

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 
 from .. import distributed as dist
 from ..console import log, progress
-from ..data.datasets import collate
-from ..data.loader import ShardSampler, open_splits
+from ..data.datasets import open_splits
+from ..data.loader import ShardSampler, collate
 from ..data.softlabels import (FORMAT, fingerprint, read_manifest, topk_renormalised,
                                view_files, write_manifest)
 from ..data.views import N_PARAMS, ViewDataset, ViewSpec

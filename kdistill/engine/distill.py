@@ -167,7 +167,7 @@ def distill(cfg: DistillConfig) -> dict:
 
 def train_views(ctx: RunContext, sd: DistillSection, teachers: TeacherSet | None, crop: int):
     """The training set for the view mode, or None for the default (consistent) pipeline."""
-    from ..data.loader import train_dataset
+    from ..data.datasets import train_dataset
     from ..data.softlabels import SoftLabels
     from ..data.views import ViewDataset, ViewSpec, WithTeacherOutputs
     from .cache import teacher_identity
@@ -203,7 +203,8 @@ def teacher_table(ctx: RunContext, teachers: TeacherSet,
     """View 'fixed': the teacher's logits on every training image's centre crop, once (fp16,
     on the host). Under torchrun each rank scores a shard; the shards are summed over ranks
     ``chunk_bytes`` of fp32 at a time on the device."""
-    from ..data.loader import eval_dataset, eval_loader
+    from ..data.datasets import eval_dataset
+    from ..data.loader import eval_loader
 
     pp = teachers.teachers[0].preprocessing
     loader = eval_loader(eval_dataset(ctx.splits.train, pp), ctx.cfg.eval.batch_size, ctx.cfg.data.workers)

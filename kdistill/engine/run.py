@@ -14,8 +14,8 @@ from torch.utils.data import Dataset
 from .. import distributed as dist
 from ..config import Config, dump_yaml
 from ..console import log
-from ..data.loader import (EpochLoader, Splits, eval_dataset, eval_loader, make_mixer, open_splits,
-                           resolve_preprocessing, train_dataset)
+from ..data.datasets import Splits, eval_dataset, open_splits, resolve_preprocessing, train_dataset
+from ..data.loader import EpochLoader, eval_loader, make_mixer
 from ..data.transforms import Preprocess, Preprocessing
 from ..errors import UserError
 from ..methods.base import Method
@@ -167,7 +167,7 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = Fa
                  out: str | None = None, teachers: list[str] = ()) -> tuple[dict, Path]:
     """``kdistill eval``: metrics of a checkpoint on one split, with a report folder; with
     ``teachers``, also student-teacher agreement and mean KL to the (ensemble) teacher."""
-    from ..data.datasets import open_source
+    from ..data.sources import open_source
     from ..models.checkpoint import load_model
     from .evaluate import evaluate, write_report
 

@@ -65,14 +65,14 @@ def _stage(cfg: DistillConfig, out: Path, name: str) -> dict:
 
 
 def default_dedup(root: str) -> list[str]:
-    from ..data.datasets import split_spec
+    from ..data.sources import split_spec
 
     return [s for s in (split_spec(root, "val"), split_spec(root, "test")) if s]
 
 
 def _check_teacher_classes(cfg: SSLDConfig, teacher: str) -> None:
     """Mined rows carry the teacher's class indices: its classes must be the data's."""
-    from ..data.datasets import open_source
+    from ..data.sources import open_source
     from ..models.checkpoint import read_meta, resolve_checkpoint
 
     if not Path(teacher).exists():

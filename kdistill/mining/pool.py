@@ -15,8 +15,9 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..data.sources import PathTable, read_image, read_paths, scan_images
+from ..data.sources import PathTable, read_paths, scan_images
 from ..errors import UserError
+from ..images import read_image
 from .dedup import phash
 
 
