@@ -163,14 +163,24 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ssld(args: argparse.Namespace) -> int:
-    from .engine.ssld import SSLDConfig, ssld
+#: MineConfig fields that are also flags of `kdistill ssld` (as ssld.<field>)
+SSLD_MINE_FLAGS = ("top_k", "min_prob", "phash_threshold", "embed_threshold")
 
-    cfg = train_config(args, SSLDConfig, {
-        "distill.teachers": args.teacher, "ssld.pool": args.pool, "ssld.top_k": args.top_k,
+
+def ssld_config(args: argparse.Namespace):
+    from .engine.ssld import SSLDConfig
+
+    return train_config(args, SSLDConfig, {
+        "distill.teachers": args.teacher, "ssld.pool": args.pool,
+        **{f"ssld.{name}": getattr(args, name) for name in SSLD_MINE_FLAGS},
         "ssld.dedup_against": args.dedup_against, "ssld.finetune_epochs": args.finetune_epochs,
         "ssld.losses": args.loss, "ssld.unlabeled_fraction": args.unlabeled_fraction})
-    _print_summary(in_run_folder(cfg, ssld))
+
+
+def cmd_ssld(args: argparse.Namespace) -> int:
+    from .engine.ssld import ssld
+
+    _print_summary(in_run_folder(ssld_config(args), ssld))
     return 0
 
 
@@ -189,16 +199,18 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from .config import EvalConfig, from_args
     from .engine.run import evaluate_run
 
     if not args.data:
         raise UserError("eval needs --data ROOT (the data to evaluate on)")
-    summary, report = evaluate_run(args.run, args.data, args.split, args.tta, args.batch_size,
+    ec = from_args(EvalConfig, args)
+    summary, report = evaluate_run(args.run, args.data, ec.split, ec.tta, ec.batch_size,
                                    args.workers, args.device, args.report, args.teacher or [])
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['checkpoint']} on {args.split}{' (TTA)' if args.tta else ''}: "
+        print(f"{summary['checkpoint']} on {ec.split}{' (TTA)' if ec.tta else ''}: "
               f"top1 {summary['top1']:.4f}  top5 {summary['top5']:.4f}  mpa {summary['mpa']:.4f}  "
               f"n {summary['n']}" + (f"  agreement {summary['agreement']:.4f}  KL to teacher "
                                      f"{summary['kl_to_teacher']:.4f}" if "agreement" in summary else ""))
@@ -254,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdistill", description="Knowledge distillation for image classifiers: "
                 "train a teacher, distil a small student, ship it.")
     from . import __version__
+    from .config import DataConfig, EvalConfig, TrainConfig, add_flags
 
     p.add_argument("--version", action="version", version=f"kdistill {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -267,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_distill_args(ds)
     ds.set_defaults(func=cmd_distill, on_interrupt=RESUME)
 
-    from .mining.cli import add_mine_parser
+    from .mining.cli import MineConfig, add_mine_parser
 
     add_mine_parser(sub)
     from .deploy.cli import add_deploy_parsers
@@ -294,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(sl)
     sl.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT", help="the mining and teaching model")
     sl.add_argument("--pool", metavar="DIR_OR_LIST", help="unlabeled images to mine")
-    sl.add_argument("--top-k", type=int, metavar="K", help="images kept per class")
+    add_flags(sl, MineConfig, SSLD_MINE_FLAGS, defaults=False)  # --top-k, --min-prob, ...
     sl.add_argument("--dedup-against", action="append", metavar="DIR_OR_LIST",
                     help="evaluation images whose near-copies are removed (default: the data's val/ and test/)")
     sl.add_argument("--loss", action="append", metavar="NAME[:WEIGHT]", help="distill-stage terms (default js)")
@@ -305,12 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="top-1/top-5/MPA, per-class accuracy and confusion matrix")
     e.add_argument("run", metavar="RUN_OR_CKPT")
     e.add_argument("--data", metavar="ROOT")
-    e.add_argument("--split", default="val", choices=["val", "test", "train"])
-    e.add_argument("--tta", action="store_true", help="average flips and corner crops")
+    add_flags(e, EvalConfig)  # --split, --tta, --batch-size
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--workers", type=int, default=2)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--workers", type=int, default=DataConfig.workers, help="DataLoader worker processes")
+    e.add_argument("--device", default=TrainConfig.device, help="auto, cpu, cuda, cuda:N")
     e.add_argument("--report", metavar="DIR", help="report folder (default beside the checkpoint)")
     e.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",
                    help="also report student-teacher agreement and KL (repeatable: ensemble)")

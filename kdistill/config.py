@@ -6,16 +6,23 @@ that made the run repeats it with ``-c <out>/config.yaml``.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Sequence, Union
 
 import yaml
 
 from .errors import UserError
+
+
+def arg(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A dataclass field whose ``help`` (and ``metavar``) also describe its command-line
+    flag: :func:`add_flags` makes ``--field-name`` from it, default and all."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass
@@ -142,11 +149,15 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation: split, test-time augmentation, batch size."""
+    """Evaluation: split, test-time augmentation, batch size; ``kdistill eval``'s flags and
+    defaults, and the val passes of a training run (batch_size)."""
 
-    split: Literal["val", "test", "train"] = "val"
-    tta: bool = False
-    batch_size: int = 256
+    split: Literal["val", "test", "train"] = arg("val", "the split of --data to evaluate")
+    tta: bool = arg(False, "average flips and corner crops")
+    batch_size: int = arg(256, "images per forward pass", "B")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0, "eval.batch_size", "must be > 0")
 
 
 @dataclass
@@ -161,6 +172,45 @@ class Config:
 def _check(ok: bool, key: str, what: str) -> None:
     if not ok:
         raise UserError(f"config key '{key}' {what}")
+
+
+# ---------------------------------------------------------------- dataclass -> flags
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type, names: Sequence[str] = (), *,
+              defaults: bool = True, required: Sequence[str] = ()) -> None:
+    """Add ``--field-name`` to ``parser`` for each field of dataclass ``cls`` declared with
+    :func:`arg` (or for ``names`` only): its type or choices, metavar and help, with the
+    default shown. A bool field becomes a switch. ``defaults=False`` leaves an unset flag
+    None, so that it overrides no config file (:func:`build_config` skips None)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in names or [n for n, f in fields.items() if "help" in f.metadata]:
+        f, tp = fields[name], hints[name]
+        kw: dict[str, Any] = {"help": f.metadata["help"].replace("%", "%%")}
+        if tp is bool:
+            kw["action"] = "store_true" if f.default is False else argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kw["choices"] = list(typing.get_args(tp))
+        elif tp in (int, float, str):
+            kw.update(type=tp, metavar=f.metadata["metavar"])
+        else:
+            raise TypeError(f"add_flags: no flag for {cls.__name__}.{name} of type {tp}")
+        if name in required:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default if defaults else None
+            if tp is not bool:
+                kw["help"] += f" (default {f.default})"
+        parser.add_argument("--" + name.replace("_", "-"), **kw)
+
+
+def from_args(cls: type, args: argparse.Namespace, **values: Any) -> Any:
+    """Dataclass ``cls`` from the flags :func:`add_flags` added (those not None), then
+    ``values``; its ``__post_init__`` validates them."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+             if getattr(args, f.name, None) is not None}
+    return cls(**{**given, **values})
 
 
 # ---------------------------------------------------------------- dict <-> dataclass

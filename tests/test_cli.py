@@ -114,3 +114,28 @@ def test_ctrl_c_says_how_to_continue(command, module, func, hint, monkeypatch, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("kdistill: interrupted") and len(err.splitlines()) == 1
     assert (hint in err) if hint else err == "kdistill: interrupted"
+
+
+def test_mine_ssld_and_eval_flags_default_to_their_configs(capsys):
+    """The flags of mine and eval take their defaults from MineConfig and EvalConfig; ssld's
+    mining flags set the ssld section's keys and leave them unset otherwise."""
+    from kdistill.cli import build_parser, main, ssld_config
+    from kdistill.config import DataConfig, EvalConfig, TrainConfig, from_args
+    from kdistill.mining import MineConfig
+
+    parse = build_parser().parse_args
+    args = parse(["mine", "--teacher", "t", "--pool", "p", "--top-k", "3", "--out", "o"])
+    assert from_args(MineConfig, args) == MineConfig(top_k=3)
+    args = parse(["mine", "--teacher", "t", "--pool", "p", "--top-k", "3", "--out", "o", "--min-prob", "0.5",
+                  "--phash-threshold", "-1", "--embed-threshold", "2", "--batch-size", "8", "--workers", "0",
+                  "--shard-size", "16", "--keep-work"])
+    assert from_args(MineConfig, args) == MineConfig(3, 0.5, -1, 2.0, 8, 0, 16, True)
+    args = parse(["eval", "run", "--data", "x"])
+    assert from_args(EvalConfig, args) == EvalConfig()
+    assert (args.workers, args.device) == (DataConfig().workers, TrainConfig().device)
+    args = parse(["ssld", "--min-prob", "0.2"])
+    assert (args.top_k, args.min_prob, args.phash_threshold, args.embed_threshold) == (None, 0.2, None, None)
+    cfg = ssld_config(parse(["ssld", "--min-prob", "0.2", "--phash-threshold", "4", "-o", "ssld.top_k=9"]))
+    assert cfg.ssld.mine_config(cfg) == MineConfig(top_k=9, min_prob=0.2, phash_threshold=4)
+    assert main(["eval", "run", "--data", "x", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "kdistill: error: config key 'eval.batch_size' must be > 0"

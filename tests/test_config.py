@@ -1,9 +1,13 @@
 """Config: YAML files, dotted overrides, flag precedence, errors that name the key."""
+import argparse
+import dataclasses
+from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 
-from kdistill.config import Config, build_config, coerce, dump_yaml, load_yaml, parse_override
+from kdistill.config import (Config, add_flags, arg, build_config, coerce, dump_yaml, from_args, load_yaml,
+                             parse_override)
 from kdistill.errors import UserError
 
 
@@ -74,3 +78,93 @@ def test_parse_override_values():
     assert parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
     assert parse_override("a=hello world") == ("a", "hello world")
     assert parse_override("a=") == ("a", "")
+
+
+def test_flags_come_from_the_dataclass_fields():
+    """add_flags: one --flag per field declared with arg(), typed, with its help and default."""
+    @dataclass
+    class Toy:
+        size: int = arg(3, "how many", "N")
+        mode: Literal["a", "b"] = arg("a", "which one")
+        fast: bool = arg(False, "go fast")
+        rate: float = arg(0.5, "100% is 1.0")
+        other: str = "no flag"  # not declared with arg()
+
+    p = argparse.ArgumentParser()
+    add_flags(p, Toy)
+    assert from_args(Toy, p.parse_args([])) == Toy()
+    assert from_args(Toy, p.parse_args(["--size", "5", "--mode", "b", "--fast", "--rate", "1"]),
+                     other="x") == Toy(5, "b", True, 1.0, "x")
+    text = p.format_help()
+    assert "how many (default 3)" in text and "{a,b}" in text and "100% is 1.0" in text
+    assert "--other" not in text
+    with pytest.raises(SystemExit):
+        p.parse_args(["--mode", "c"])
+    q = argparse.ArgumentParser()  # flags over config files: unset stays None
+    add_flags(q, Toy, ["size", "fast"], defaults=False, required=["size"])
+    assert vars(q.parse_args(["--size", "2"])) == {"size": 2, "fast": None}
+
+
+# the ssld section as a run of the release before MineConfig wrote it to config.yaml
+OLD_SSLD_YAML = """\
+ssld:
+  pool: pool/
+  top_k: 7
+  dedup_against: []
+  min_prob: 0.1
+  phash_threshold: -1
+  embed_threshold: 2.0
+  unlabeled_fraction: null
+  losses: [js:1.0]
+  finetune_epochs: 1
+  finetune_lr: 0.01
+  finetune_losses: [ce:1.0]
+  finetune_image_size: null
+"""
+
+
+def test_mine_and_the_ssld_section_share_one_config(tmp_path):
+    """`kdistill mine` and the ssld section declare mining once (MineConfig): same fields,
+    defaults and checks; only batch_size and workers follow the ssld run's own."""
+    from kdistill.engine.ssld import SSLDConfig, SSLDSection
+    from kdistill.mining import MineConfig
+
+    assert issubclass(SSLDSection, MineConfig)
+    shared = [f.name for f in dataclasses.fields(MineConfig)]
+    own = {"batch_size", "workers"}
+    assert {k: getattr(SSLDSection(), k) for k in shared if k not in own} == \
+        {k: getattr(MineConfig(), k) for k in shared if k not in own}
+    cfg = build_config(SSLDConfig, overrides=["eval.batch_size=32", "data.workers=0", "ssld.top_k=5"])
+    assert cfg.ssld.mine_config(cfg) == MineConfig(top_k=5, batch_size=32, workers=0)
+    cfg = build_config(SSLDConfig, overrides=["ssld.batch_size=8", "ssld.workers=1", "ssld.keep_work=true"])
+    assert cfg.ssld.mine_config(cfg) == MineConfig(batch_size=8, workers=1, keep_work=True)
+    # an ssld config.yaml written before MineConfig still loads, and a new one round-trips
+    old = tmp_path / "old.yaml"
+    old.write_text(OLD_SSLD_YAML)
+    cfg = build_config(SSLDConfig, [str(old)])
+    assert cfg.ssld.mine_config(cfg) == MineConfig(top_k=7, min_prob=0.1, phash_threshold=-1, embed_threshold=2.0)
+    assert (cfg.ssld.pool, cfg.ssld.finetune_epochs) == ("pool/", 1)
+    dump_yaml(cfg, tmp_path / "new.yaml")
+    assert build_config(SSLDConfig, [str(tmp_path / "new.yaml")]) == cfg
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("top_k", 0, "must be a positive number of images per class, got 0"),
+    ("batch_size", 0, "must be positive, got 0"),
+    ("shard_size", -1, "must be positive, got -1"),
+    ("workers", -1, "must be >= 0, got -1"),
+    ("phash_threshold", 65, "is a number of bits out of 64 (negative disables), got 65"),
+    ("embed_threshold", -1.5, "is a cosine in [-1, 1] (above 1 disables), got -1.5"),
+    ("min_prob", 1.5, "must be in [0, 1], got 1.5"),
+])
+def test_bad_mining_values_name_the_flag_or_the_key(key, value, message):
+    from kdistill.engine.ssld import SSLDConfig
+    from kdistill.mining import MineConfig
+
+    flag = "--" + key.replace("_", "-")
+    with pytest.raises(UserError) as err:
+        MineConfig(**{key: value})
+    assert str(err.value) == f"{flag} {message}"
+    with pytest.raises(UserError) as err:
+        build_config(SSLDConfig, overrides=[f"ssld.{key}={value}"])
+    assert str(err.value) == f"config key 'ssld.{key}' {message}"

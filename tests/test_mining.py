@@ -17,14 +17,18 @@ from PIL import Image, ImageDraw
 
 from conftest import CLASSES, make_folder, run_cli
 from kdistill.errors import UserError
-from kdistill.mining import (EMBED_THRESHOLD, PHASH_THRESHOLD, TopK, assign, hamming, merge_shards,
-                             mine, open_pool, phash)
+from kdistill.mining import (EMBED_THRESHOLD, PHASH_THRESHOLD, MineConfig, TopK, assign, hamming,
+                             merge_shards, mine, open_pool, phash)
 from kdistill.mining import score as score_mod
 from kdistill.mining.dedup import EVAL_CROPS, nearest_hash
 from kdistill.data.sources import read_paths
 from kdistill.mining.pool import center_crop
 
-FAST = dict(batch_size=4, workers=0, progress=False)
+FAST = dict(batch_size=4, workers=0)  # MineConfig fields for tiny pools
+
+
+def fast(top_k: int, **fields) -> MineConfig:
+    return MineConfig(top_k=top_k, **{**FAST, **fields})
 
 
 # ------------------------------------------------------------------ helpers
@@ -290,7 +294,7 @@ def test_topk_matches_brute_force(trained_run, toy_pool, tmp_path):
     allowed = np.ones(len(paths), bool)
     for k in (1, 3, 50):  # 50 > the 10 images per class: everything is selected, once
         out = tmp_path / f"k{k}" / "mined.txt"
-        summary = mine(str(trained_run), str(toy_pool), k, str(out), shard_size=7, **FAST)
+        summary = mine(str(trained_run), str(toy_pool), str(out), fast(k, shard_size=7), progress=False)
         rows = read_list(out)
         ref = reference_selection(probs, k, allowed)
         assert {(p, c) for p, c, _ in rows} == {(str(Path(paths[i]).resolve()), c) for i, c in ref.items()}
@@ -308,7 +312,7 @@ def test_topk_matches_brute_force(trained_run, toy_pool, tmp_path):
     assert len(rows) == len(paths)
     # min_prob: only images at or above it
     out = tmp_path / "minp" / "mined.txt"
-    mine(str(trained_run), str(toy_pool), 50, str(out), min_prob=0.6, shard_size=7, **FAST)
+    mine(str(trained_run), str(toy_pool), str(out), fast(50, min_prob=0.6, shard_size=7), progress=False)
     kept = read_list(out)
     assert kept and all(p >= 0.6 - 1e-4 for _, _, p in kept)
     ref = reference_selection(np.where(probs >= 0.6, probs, -np.inf), 50, allowed)
@@ -337,8 +341,8 @@ def test_dedup_removes_planted_copies(trained_run, photos, tmp_path):
     for name, (src, edit) in planted.items():
         edit(Image.open(src).convert("RGB")).save(pool / name)
     out = tmp_path / "out" / "mined.txt"
-    summary = mine(str(trained_run), str(pool), 100, str(out),
-                   [str(photos["root"] / "val"), str(photos["root"] / "test_list.txt")], **FAST)
+    summary = mine(str(trained_run), str(pool), str(out), fast(100), progress=False,
+                   dedup_against=[str(photos["root"] / "val"), str(photos["root"] / "test_list.txt")])
     with open(f"{out}.dedup.csv") as fh:
         report = {Path(r["pool_image"]).resolve(): r for r in csv.DictReader(fh)}
     assert set(report) == {(pool / n).resolve() for n in planted}, report.keys()
@@ -358,7 +362,8 @@ def test_unreadable_files_are_skipped(trained_run, toy_pool, tmp_path):
     (pool / "circle" / "broken.png").write_bytes(b"not an image at all")
     (pool / "square" / "empty.jpg").write_bytes(b"")
     out = tmp_path / "mined.txt"
-    summary = mine(str(trained_run), str(pool), 2, str(out), batch_size=8, workers=2, progress=False)
+    summary = mine(str(trained_run), str(pool), str(out), MineConfig(top_k=2, batch_size=8, workers=2),
+                   progress=False)
     assert summary["pool_size"] == 32 and summary["scored"] == 30 and summary["skipped"] == 2
     assert sorted(Path(p).name for p, _ in summary["skipped_paths"]) == ["broken.png", "empty.jpg"]
     assert summary["selected"] == len(read_list(out)) == 6
@@ -366,7 +371,7 @@ def test_unreadable_files_are_skipped(trained_run, toy_pool, tmp_path):
 
 def test_resume_does_not_rescore_finished_shards(trained_run, toy_pool, tmp_path, monkeypatch, capsys):
     full = tmp_path / "full.txt"
-    mine(str(trained_run), str(toy_pool), 3, str(full), shard_size=8, **FAST)
+    mine(str(trained_run), str(toy_pool), str(full), fast(3, shard_size=8), progress=False)
 
     out = tmp_path / "resumed.txt"
     real_write = score_mod.write_shard
@@ -378,20 +383,21 @@ def test_resume_does_not_rescore_finished_shards(trained_run, toy_pool, tmp_path
 
     monkeypatch.setattr(score_mod, "write_shard", crash_after_first)
     with pytest.raises(RuntimeError, match="killed"):
-        mine(str(trained_run), str(toy_pool), 3, str(out), shard_size=8, **FAST)
+        mine(str(trained_run), str(toy_pool), str(out), fast(3, shard_size=8), progress=False)
     first = Path(f"{out}.work") / "shard-00000.pt"
     stamp = first.stat().st_mtime_ns
     assert not out.exists()
 
     with pytest.raises(UserError, match="other settings"):  # a different run cannot reuse it
-        mine(str(trained_run), str(toy_pool), 4, str(out), shard_size=8, **FAST)
+        mine(str(trained_run), str(toy_pool), str(out), fast(4, shard_size=8), progress=False)
 
     seen = []
     real_teacher = score_mod.run_teacher
     monkeypatch.setattr(score_mod, "write_shard", lambda w, r: (written.append(r["shard"]), real_write(w, r)))
     monkeypatch.setattr(score_mod, "run_teacher", lambda t, c, x, d: (seen.append(len(x)), real_teacher(t, c, x, d))[1])
     capsys.readouterr()
-    summary = mine(str(trained_run), str(toy_pool), 3, str(out), shard_size=8, keep_work=True, **FAST)
+    summary = mine(str(trained_run), str(toy_pool), str(out), fast(3, shard_size=8, keep_work=True),
+                   progress=False)
     assert "resuming: 1 of 4 shards done" in capsys.readouterr().err
     assert written == [1, 2, 3] and sum(seen) == 30 - 8
     assert first.stat().st_mtime_ns == stamp
@@ -443,7 +449,7 @@ def test_torchrun_ranks_score_their_shards_and_rank0_merges(trained_run, toy_poo
     from conftest import ROOT
 
     single = tmp_path / "single.txt"
-    mine(str(trained_run), str(toy_pool), 3, str(single), shard_size=8, **FAST)
+    mine(str(trained_run), str(toy_pool), str(single), fast(3, shard_size=8), progress=False)
     out = tmp_path / "ddp.txt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "kdistill",

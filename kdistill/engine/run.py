@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import distributed as dist
-from ..config import Config, dump_yaml
+from ..config import Config, DataConfig, EvalConfig, TrainConfig, dump_yaml
 from ..console import log
 from ..data.datasets import Splits, eval_dataset, open_splits, resolve_preprocessing, train_dataset
 from ..data.loader import EpochLoader, eval_loader, make_mixer
@@ -162,8 +162,9 @@ def train(cfg: Config) -> dict:
         dist.cleanup()
 
 
-def evaluate_run(run_or_ckpt: str, root: str, split: str = "val", tta: bool = False,
-                 batch_size: int = 256, workers: int = 2, device: str = "auto",
+def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
+                 tta: bool = EvalConfig.tta, batch_size: int = EvalConfig.batch_size,
+                 workers: int = DataConfig.workers, device: str = TrainConfig.device,
                  out: str | None = None, teachers: list[str] = ()) -> tuple[dict, Path]:
     """``kdistill eval``: metrics of a checkpoint on one split, with a report folder; with
     ``teachers``, also student-teacher agreement and mean KL to the (ensemble) teacher."""

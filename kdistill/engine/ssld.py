@@ -13,6 +13,7 @@ val metrics closes the run (``<out>/ssld.md``, ``<out>/summary.json``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,22 +22,23 @@ from .. import distributed as dist
 from ..config import _check, dump_yaml
 from ..console import log
 from ..errors import UserError
-from ..mining.dedup import EMBED_THRESHOLD, PHASH_THRESHOLD
+from ..mining import MineConfig, mine
 from ..utils import atomic_write_text, resolve_device, write_json
 from .distill import DistillConfig, distill, narrow
 from .run import copy_checkpoints, run_folder, run_stage
 
 
 @dataclass
-class SSLDSection:
-    """Pool, mining and fine-tuning settings of the SSLD recipe."""
+class SSLDSection(MineConfig):
+    """The SSLD recipe's pool, mining and fine-tuning settings. The mining settings are
+    :class:`~kdistill.mining.MineConfig`'s fields (top_k, min_prob, phash_threshold,
+    embed_threshold, shard_size, keep_work), with its defaults and checks; only batch_size
+    and workers default to the run's own."""
 
+    batch_size: int | None = None  # mining batch; None: eval.batch_size
+    workers: int | None = None  # mining DataLoader workers; None: data.workers
     pool: str = ""  # folder (recursive) or list file of unlabeled images
-    top_k: int = 1000  # images kept per class
     dedup_against: list[str] = field(default_factory=list)  # default: the data's val (and test)
-    min_prob: float = 0.0  # never keep an image the teacher gives less than this
-    phash_threshold: int = PHASH_THRESHOLD  # dedup: max pHash distance of a copy (< 0: off)
-    embed_threshold: float = EMBED_THRESHOLD  # dedup: min embedding cosine of a copy (> 1: off)
     unlabeled_fraction: float | None = None  # share of mined images per batch (None: by counts)
     losses: list[str] = field(default_factory=lambda: ["js:1.0"])  # distill stage
     finetune_epochs: int = 2
@@ -44,10 +46,23 @@ class SSLDSection:
     finetune_losses: list[str] = field(default_factory=lambda: ["ce:1.0"])
     finetune_image_size: int | None = None  # e.g. a higher resolution than distillation
 
+    def _name(self, key: str) -> str:  # errors name the config key, not a `mine` flag
+        return f"config key 'ssld.{key}'"
+
     def __post_init__(self) -> None:
-        _check(self.top_k > 0, "ssld.top_k", "must be > 0")
+        super().__post_init__()
         _check(self.finetune_epochs >= 0, "ssld.finetune_epochs", "must be >= 0")
         _check(self.finetune_lr > 0, "ssld.finetune_lr", "must be > 0")
+
+    def mine_config(self, cfg: DistillConfig) -> MineConfig:
+        """The mine stage's settings: this section's, with the run's ``eval.batch_size`` and
+        ``data.workers`` where ``batch_size`` and ``workers`` are unset."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(MineConfig)}
+        if self.batch_size is None:
+            values["batch_size"] = cfg.eval.batch_size
+        if self.workers is None:
+            values["workers"] = cfg.data.workers
+        return MineConfig(**values)
 
 
 @dataclass
@@ -93,8 +108,6 @@ def ssld(cfg: SSLDConfig) -> dict:
 
 
 def _ssld(cfg: SSLDConfig) -> dict:
-    from ..mining import mine
-
     sc = cfg.ssld
     if not sc.pool:
         raise UserError("ssld needs --pool DIR_OR_LIST (the unlabeled images to mine)")
@@ -118,11 +131,8 @@ def _ssld(cfg: SSLDConfig) -> dict:
         mined.parent.mkdir(parents=True, exist_ok=True)
         dedup = sc.dedup_against or default_dedup(cfg.data.root)
         log(f"[mine] top-{sc.top_k} per class from {sc.pool} (dedup against {', '.join(dedup) or 'nothing'})")
-        mine_summary = mine(teacher, sc.pool, sc.top_k, str(mined), dedup_against=dedup,
-                            batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
-                            device=cfg.train.device, phash_threshold=sc.phash_threshold,
-                            embed_threshold=sc.embed_threshold, min_prob=sc.min_prob,
-                            progress=cfg.train.progress)
+        mine_summary = mine(teacher, sc.pool, str(mined), sc.mine_config(cfg), dedup_against=dedup,
+                            device=cfg.train.device, progress=cfg.train.progress)
     if mine_summary["selected"] == 0:
         raise UserError(f"mining kept no image of the {mine_summary['pool_size']} in '{sc.pool}' "
                         f"({mine_summary['duplicates_removed']} near-copies of evaluation images, "

@@ -19,12 +19,14 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .. import distributed as dist
+from ..config import add_flags, arg, from_args
 from ..console import log
 from ..errors import UserError
 from ..utils import (atomic_path, atomic_write, atomic_write_text, ensure_writable_file_parent,
@@ -40,18 +42,54 @@ if TYPE_CHECKING:
 DEDUP_COLUMNS = ["pool_image", "eval_image", "method", "score", "phash_distance", "cosine"]
 
 
-def mine(teacher: str, pool: str, top_k: int, out: str, dedup_against: Sequence[str] = (),
-         batch_size: int = 256, workers: int = 2, device: str = "auto", shard_size: int = 4096,
-         phash_threshold: int = PHASH_THRESHOLD, embed_threshold: float = EMBED_THRESHOLD,
-         min_prob: float = 0.0, progress: bool = True, keep_work: bool = False) -> dict:
-    """Let ``teacher`` pick the top-``top_k`` images per class of ``pool`` after removing
+@dataclass
+class MineConfig:
+    """What ``kdistill mine`` keeps and drops, and how it runs. Each field is also a flag
+    of ``kdistill mine`` (help and default from here). The ``ssld`` section extends it
+    (:class:`kdistill.engine.ssld.SSLDSection`): one declaration, one set of defaults."""
+
+    top_k: int = arg(1000, "images kept per class", "K")
+    min_prob: float = arg(0.0, "ignore images whose class probability is below P", "P")
+    phash_threshold: int = arg(PHASH_THRESHOLD, "dedup: max pHash Hamming distance of a "
+                               "duplicate; < 0 disables", "BITS")
+    embed_threshold: float = arg(EMBED_THRESHOLD, "dedup: min centred teacher-embedding cosine "
+                                 "of a duplicate; > 1 disables", "COS")
+    batch_size: int = arg(256, "images per teacher forward pass", "B")
+    workers: int = arg(2, "DataLoader worker processes", "N")
+    shard_size: int = arg(4096, "images per resumable shard", "N")
+    keep_work: bool = arg(False, "keep LIST.work/ (shard results) after success")
+
+    def _name(self, key: str) -> str:
+        """How an error names field ``key``: here as the flag of ``kdistill mine``."""
+        return "--" + key.replace("_", "-")
+
+    def __post_init__(self) -> None:
+        checks = {  # field: (valid, what it must be)
+            "top_k": (lambda v: v > 0, "must be a positive number of images per class"),
+            "batch_size": (lambda v: v > 0, "must be positive"),
+            "shard_size": (lambda v: v > 0, "must be positive"),
+            "workers": (lambda v: v >= 0, "must be >= 0"),
+            "phash_threshold": (lambda v: v <= 64, "is a number of bits out of 64 (negative disables)"),
+            "embed_threshold": (lambda v: v >= -1, "is a cosine in [-1, 1] (above 1 disables)"),
+            "min_prob": (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+        }
+        for key, (valid, what) in checks.items():
+            value = getattr(self, key)
+            if value is not None and not valid(value):  # None: the ssld section's "take the run's"
+                raise UserError(f"{self._name(key)} {what}, got {value}")
+
+
+def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: Sequence[str] = (),
+         device: str = "auto", progress: bool = True) -> dict:
+    """Let ``teacher`` pick the top-``cfg.top_k`` images per class of ``pool`` after removing
     near-duplicates of the ``dedup_against`` images; writes ``out`` and returns the summary.
     Under torchrun each rank scores every world_size-th pending shard; rank 0 merges."""
     from ..methods.teachers import load_teacher
     from ..models.checkpoint import read_meta, resolve_checkpoint
     from ..models.hooks import FeatureCapture
 
-    _check_args(top_k, batch_size, workers, shard_size, phash_threshold, embed_threshold, min_prob, out)
+    if Path(out).is_dir():
+        raise UserError(f"--out '{out}' is a folder; give the path of the list file to write")
     ensure_writable_file_parent(out, "--out")  # LIST and LIST.work/ go there
     if not Path(teacher).exists():
         raise UserError(f"teacher '{teacher}' does not exist (mine needs a kdistill run folder or checkpoint)")
@@ -64,40 +102,39 @@ def mine(teacher: str, pool: str, top_k: int, out: str, dedup_against: Sequence[
     work = Path(f"{out}.work")
     settings = {"teacher": str(ckpt.resolve()), "teacher_bytes": ckpt.stat().st_size,
                 "classes": len(classes), "pool": the_pool.paths.digest(), "pool_size": len(the_pool),
-                "shard_size": shard_size, "top_k": top_k, "min_prob": min_prob,
-                "phash_threshold": phash_threshold, "embed_threshold": embed_threshold,
+                "shard_size": cfg.shard_size, "top_k": cfg.top_k, "min_prob": cfg.min_prob,
+                "phash_threshold": cfg.phash_threshold, "embed_threshold": cfg.embed_threshold,
                 "dedup_against": [s.paths.digest() for s in eval_sets]}
     own_group = not dist.is_distributed()
     dev = dist.init(resolve_device(device))
     capture = None
     try:
         t = load_teacher(teacher, classes, dev)
-        if eval_sets and embed_threshold <= 1.0:
+        if eval_sets and cfg.embed_threshold <= 1.0:
             capture = FeatureCapture(t.model, [], embed=True, role="teacher")
         if dist.is_main():
             _open_work(work, settings)
         dist.barrier()
-        index = _dedup_index(work, eval_sets, t, capture, batch_size, workers, dev, phash_threshold,
-                             embed_threshold, progress) if eval_sets else None
-        n_shards = math.ceil(len(the_pool) / shard_size)
+        index = _dedup_index(work, eval_sets, t, capture, cfg, dev, progress) if eval_sets else None
+        n_shards = math.ceil(len(the_pool) / cfg.shard_size)
         pending = None
         if dist.is_main():
             pending = [s for s in range(n_shards) if not shard_path(work, s).is_file()]
             if len(pending) < n_shards:
                 log(f"resuming: {n_shards - len(pending)} of {n_shards} shards done")
         pending = dist.broadcast_object(pending)
-        scorer = ShardScorer(len(classes), top_k, min_prob, index)
-        score_shards(the_pool.paths, pending[dist.rank()::dist.world_size()], shard_size, work, t,
-                     capture, scorer, batch_size, workers, dev, progress)
+        scorer = ShardScorer(len(classes), cfg.top_k, cfg.min_prob, index)
+        score_shards(the_pool.paths, pending[dist.rank()::dist.world_size()], cfg.shard_size, work, t,
+                     capture, scorer, cfg.batch_size, cfg.workers, dev, progress)
         dist.barrier()
         summary: dict = {}
         if dist.is_main():
-            summary = _finish(out, work, n_shards, classes, top_k, the_pool, index, {
+            summary = _finish(out, work, n_shards, classes, cfg.top_k, the_pool, index, {
                 "teacher": teacher, "checkpoint": str(ckpt), "pool": pool,
                 "dedup_against": list(dedup_against),
-                "thresholds": {"phash": phash_threshold, "embedding": embed_threshold,
-                               "min_prob": min_prob}})
-            if not keep_work:
+                "thresholds": {"phash": cfg.phash_threshold, "embedding": cfg.embed_threshold,
+                               "min_prob": cfg.min_prob}})
+            if not cfg.keep_work:
                 shutil.rmtree(work, ignore_errors=True)
         dist.barrier()
         return summary if dist.is_main() else json.loads(Path(f"{out}.summary.json").read_text())
@@ -106,25 +143,6 @@ def mine(teacher: str, pool: str, top_k: int, out: str, dedup_against: Sequence[
             capture.remove()
         if own_group:
             dist.cleanup()
-
-
-def _check_args(top_k: int, batch_size: int, workers: int, shard_size: int, phash_threshold: int,
-                embed_threshold: float, min_prob: float, out: str) -> None:
-    if top_k <= 0:
-        raise UserError(f"--top-k must be a positive number of images per class, got {top_k}")
-    for name, value in (("--batch-size", batch_size), ("--shard-size", shard_size)):
-        if value <= 0:
-            raise UserError(f"{name} must be positive, got {value}")
-    if workers < 0:
-        raise UserError(f"--workers must be >= 0, got {workers}")
-    if phash_threshold > 64:
-        raise UserError(f"--phash-threshold is a number of bits out of 64 (negative disables), got {phash_threshold}")
-    if embed_threshold < -1:
-        raise UserError(f"--embed-threshold is a cosine in [-1, 1] (above 1 disables), got {embed_threshold}")
-    if not 0.0 <= min_prob <= 1.0:
-        raise UserError(f"--min-prob must be in [0, 1], got {min_prob}")
-    if Path(out).is_dir():
-        raise UserError(f"--out '{out}' is a folder; give the path of the list file to write")
 
 
 def _open_work(work: Path, settings: dict) -> None:
@@ -143,15 +161,14 @@ def _open_work(work: Path, settings: dict) -> None:
 
 
 def _dedup_index(work: Path, eval_sets: list[Pool], teacher: Teacher,
-                 capture: FeatureCapture | None, batch_size: int, workers: int,
-                 dev: torch.device, phash_threshold: int, embed_threshold: float,
+                 capture: FeatureCapture | None, cfg: MineConfig, dev: torch.device,
                  progress: bool) -> DedupIndex:
     """The evaluation fingerprints, computed once by rank 0 and cached in the work folder."""
     cache = work / "eval.pt"
     if dist.is_main() and not cache.is_file():
         paths = [p for s in eval_sets for p in s.paths]
-        index = build_index(paths, teacher, capture, batch_size, workers, dev, phash_threshold,
-                            embed_threshold, progress)
+        index = build_index(paths, teacher, capture, cfg.batch_size, cfg.workers, dev,
+                            cfg.phash_threshold, cfg.embed_threshold, progress)
         if not index.paths:
             raise UserError(f"none of the {len(paths)} --dedup-against images could be read")
         atomic_write(cache, lambda tmp: torch.save(index.state(), tmp))
@@ -159,7 +176,7 @@ def _dedup_index(work: Path, eval_sets: list[Pool], teacher: Teacher,
             + (f" ({len(index.skipped)} unreadable, skipped)" if index.skipped else ""))
     dist.barrier()
     state = torch.load(cache, map_location="cpu", weights_only=True)
-    return DedupIndex.from_state(state, phash_threshold, embed_threshold)
+    return DedupIndex.from_state(state, cfg.phash_threshold, cfg.embed_threshold)
 
 
 def _finish(out: str, work: Path, n_shards: int, classes: list[str], top_k: int, pool: Pool,
@@ -242,30 +259,19 @@ def add_mine_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, metavar="RUN_OR_CKPT", help="kdistill run folder or checkpoint")
     p.add_argument("--pool", required=True, metavar="DIR_OR_LIST",
                    help="folder of images (searched recursively) or list file")
-    p.add_argument("--top-k", type=int, required=True, metavar="K", help="images per class")
     p.add_argument("--dedup-against", action="append", default=[], metavar="DIR_OR_LIST",
                    help="evaluation images to keep out of the list (repeatable), e.g. ROOT/val")
     p.add_argument("--out", required=True, metavar="LIST", help="list file to write")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    add_flags(p, MineConfig, required=["top_k"])  # --top-k, --min-prob, ... --keep-work
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per resumable shard")
-    p.add_argument("--phash-threshold", type=int, default=PHASH_THRESHOLD, metavar="BITS",
-                   help=f"max pHash Hamming distance of a duplicate (default {PHASH_THRESHOLD}; <0 disables)")
-    p.add_argument("--embed-threshold", type=float, default=EMBED_THRESHOLD, metavar="COS",
-                   help=f"min centred teacher-embedding cosine of a duplicate (default {EMBED_THRESHOLD}; >1 disables)")
-    p.add_argument("--min-prob", type=float, default=0.0, metavar="P",
-                   help="ignore images whose class probability is below P")
-    p.add_argument("--keep-work", action="store_true", help="keep LIST.work/ (shard results) after success")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_mine, on_interrupt="finished shards are kept (run the same command again to continue)")
     return p
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    s = mine(args.teacher, args.pool, args.top_k, args.out, args.dedup_against, args.batch_size,
-             args.workers, args.device, args.shard_size, args.phash_threshold, args.embed_threshold,
-             args.min_prob, not args.no_progress, args.keep_work)
+    s = mine(args.teacher, args.pool, args.out, from_args(MineConfig, args),
+             dedup_against=args.dedup_against, device=args.device, progress=not args.no_progress)
     if dist.is_main():
         counts = list(s["per_class"].values())
         print(f"mined {s['selected']} images ({min(counts)}-{max(counts)} per class, top-{s['top_k']}) "
