@@ -76,14 +76,13 @@ def joined_teachers(runs: list[str]) -> dict:
     from kdistill.data.loader import eval_loader
     from kdistill.data.sources import open_source
     from kdistill.engine.evaluate import evaluate
-    from kdistill.methods.teachers import TeacherSet, load_teacher
+    from kdistill.methods.teachers import load_teachers
 
     dev = torch.device("cpu")
     source = open_source(CIFAR, "val")
-    tset = TeacherSet([load_teacher(r, source.classes, dev) for r in runs], merge="concat",
-                      num_classes=len(source.classes))
-    loader = eval_loader(eval_dataset(source, tset.teachers[0].preprocessing), 256, 2, False)
-    return evaluate(tset, torch.nn.Identity(), loader, len(source.classes), dev).summary()
+    teacher = load_teachers(runs, source.classes, dev, merge="concat")
+    loader = eval_loader(eval_dataset(source, teacher.preprocessing), 256, 2, False)
+    return evaluate(teacher, torch.nn.Identity(), loader, len(source.classes), dev).summary()
 
 
 def write_section(r: dict) -> None:

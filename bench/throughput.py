@@ -110,16 +110,24 @@ def _cfg_args(arm: str, steps: int, amp: str, teacher: Path) -> list[str]:
 def distill_trainer(argv: list[str]):
     """The Trainer that ``kdistill ARGV`` (a distill command) would run, with no val loader."""
     from kdistill.cli import build_parser, distill_config
-    from kdistill.data.datasets import train_dataset
     from kdistill.data.loader import EpochLoader
-    from kdistill.engine.distill import build_method, train_views
+    try:
+        from kdistill.data.datasets import train_dataset
+    except ImportError:  # a baseline checkout from before the data stages were split
+        from kdistill.data.loader import train_dataset
+    from kdistill.engine import distill
     from kdistill.engine.run import prepare
     from kdistill.engine.trainer import Trainer
 
     cfg = distill_config(build_parser().parse_args(argv))
     ctx = prepare(cfg)
-    method, crop = build_method(ctx, cfg.distill)
-    ds = train_views(ctx, cfg.distill, method.teachers, crop) or train_dataset(
+    if hasattr(distill, "build_teacher"):  # this tree (a baseline checkout may predate it)
+        teacher = distill.build_teacher(ctx, cfg.distill)
+        method, crop = distill.build_method(ctx, cfg.distill, teacher)
+    else:
+        method, crop = distill.build_method(ctx, cfg.distill)
+        teacher = method.teachers
+    ds = distill.train_views(ctx, cfg.distill, teacher, crop) or train_dataset(
         cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
     loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed)
     return Trainer(cfg, method, loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)

@@ -143,12 +143,12 @@ def _worker(kind: str, root: str, out: str, *overrides: str) -> None:
     ctx = run_mod.prepare(cfg)
     try:
         if kind == "distill":
-            method, crop = distill_mod.build_method(ctx, cfg.distill)
+            method, crop = distill_mod.build_method(ctx, cfg.distill, distill_mod.build_teacher(ctx, cfg.distill))
             run_mod.fit(ctx, method, crop_size=crop)
             ddps = [m for m in method.modules() if isinstance(m, DistributedDataParallel)]
             wrapped = {id(p) for d in ddps for p in d.parameters()}
             info = {"ddp_instances": len(ddps), "ddp_wraps": type(ddps[0].module).__name__,
-                    "teacher_in_ddp": any(id(p) in wrapped for p in method.teachers.parameters()),
+                    "teacher_in_ddp": any(id(p) in wrapped for p in method.teacher.parameters()),
                     "find_unused_parameters": ddps[0].find_unused_parameters}
             (Path(out) / f"rank{dist.rank()}.json").write_text(json.dumps(info))
             params = dict(method.trainable().named_parameters())

@@ -11,7 +11,7 @@ from kdistill.cli import main
 from kdistill.data.transforms import Preprocessing
 from kdistill.losses import LOSSES
 from kdistill.methods.distill import Distill, LossBank, TermSpec
-from kdistill.methods.teachers import Teacher, TeacherSet
+from kdistill.methods.teachers import Teacher, FrozenTeachers
 from kdistill.models import create_model
 from kdistill.models.checkpoint import load_state, read_meta
 
@@ -72,7 +72,7 @@ def _method(teachers, terms, student=None):
 def test_teacher_is_frozen_and_not_trainable():
     teacher = Teacher(create_model("resnet8", 3), PP, "t")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    m = _method(TeacherSet([teacher]), [TermSpec("kd", 1.0)])
+    m = _method(FrozenTeachers([teacher]), [TermSpec("kd", 1.0)])
     m.train()
     assert not teacher.training and not teacher.model.training
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -90,9 +90,9 @@ def test_ensemble_averages_probabilities_or_logits():
     a, b = Teacher(create_model("resnet8", 3), PP, "a"), Teacher(create_model("resnet8", 3), PP, "b")
     x = torch.rand(2, 3, 32, 32)
     la, lb = a(x), b(x)
-    probs = TeacherSet([a, b], [3, 1])(x).exp()
+    probs = FrozenTeachers([a, b], [3, 1]).logits(x).exp()
     torch.testing.assert_close(probs, 0.75 * la.softmax(-1) + 0.25 * lb.softmax(-1))
-    torch.testing.assert_close(TeacherSet([a, b], [1, 1], "logit")(x), (la + lb) / 2)
+    torch.testing.assert_close(FrozenTeachers([a, b], [1, 1], "logit").logits(x), (la + lb) / 2)
 
 
 def test_teachers_see_the_same_crop_at_their_own_resolution():
@@ -101,7 +101,7 @@ def test_teachers_see_the_same_crop_at_their_own_resolution():
     student.register_forward_pre_hook(lambda m, i: seen.__setitem__("s", i[0]))
     t_model.register_forward_pre_hook(lambda m, i: seen.__setitem__("t", i[0]))
     teacher = Teacher(t_model, Preprocessing(48, [0.4] * 3, [0.2] * 3), "t48")
-    m = _method(TeacherSet([teacher]), [TermSpec("kd", 1.0)], student)
+    m = _method(FrozenTeachers([teacher]), [TermSpec("kd", 1.0)], student)
     x = torch.rand(2, 3, 48, 48)
     m({"image": x, "target": torch.tensor([0, 1])})
     assert seen["s"].shape[-1] == 32 and seen["t"].shape[-1] == 48
@@ -111,7 +111,7 @@ def test_teachers_see_the_same_crop_at_their_own_resolution():
 def test_merged_label_sets_supervise_their_own_classes():
     a = Teacher(create_model("resnet8", 2), PP, "a", ["circle", "square"], [0, 1])
     b = Teacher(create_model("resnet8", 2), PP, "b", ["square", "stripes"], [1, 2])
-    tset = TeacherSet([a, b])
+    tset = FrozenTeachers([a, b])
     assert tset.merged
     m = _method(tset, [TermSpec("kd", 1.0), TermSpec("ce", 0.5)])
     m.eval()
@@ -130,12 +130,12 @@ def test_concat_merge_gives_union_logits():
     """merge=concat: each class takes its teachers' (weighted mean) logit; label-free KD on it."""
     a = Teacher(create_model("resnet8", 2), PP, "a", ["circle", "square"], [0, 1])
     b = Teacher(create_model("resnet8", 2), PP, "b", ["square", "stripes"], [1, 2])
-    tset = TeacherSet([a, b], [3.0, 1.0], merge="concat", num_classes=3)
+    tset = FrozenTeachers([a, b], [3.0, 1.0], merge="concat", num_classes=3)
     assert tset.merged and not tset.per_teacher
     x = torch.rand(4, 3, 32, 32)
     za, zb = a(x), b(x)
     want = torch.stack([za[:, 0], 0.75 * za[:, 1] + 0.25 * zb[:, 0], zb[:, 1]], dim=1)
-    torch.testing.assert_close(tset(x), want)
+    torch.testing.assert_close(tset.logits(x), want)
     m = _method(tset, [TermSpec("kd", 1.0)])
     out = m({"image": x, "target": None})
     kl = LOSSES.get("kd").cls(None).forward
@@ -147,7 +147,7 @@ def test_concat_merge_gives_union_logits():
 def test_concat_merge_needs_every_class_covered():
     a = Teacher(create_model("resnet8", 2), PP, "a", ["circle", "square"], [0, 1])
     with pytest.raises(Exception, match="every class covered"):
-        TeacherSet([a], merge="concat", num_classes=3)
+        FrozenTeachers([a], merge="concat", num_classes=3)
 
 
 def test_merged_teachers_end_to_end(tmp_path):

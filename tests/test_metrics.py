@@ -4,6 +4,7 @@ import math
 import torch
 from torch import nn
 
+from kdistill.data.transforms import Preprocess, Preprocessing
 from kdistill.engine.evaluate import Accumulator, evaluate, metrics_from_confusion
 
 
@@ -45,8 +46,9 @@ def test_evaluate_loop_and_tta():
     target = torch.tensor([0, 1, 1, 2, 2, 0])
     loader = [{"image": imgs[:3], "target": target[:3], "skipped": []},
               {"image": imgs[3:], "target": target[3:], "skipped": ["bad.jpg"]}]
-    r = evaluate(_Fixed(), nn.Identity(), loader, 3, torch.device("cpu"))
+    prep = Preprocess(Preprocessing(8, [0.0] * 3, [1.0] * 3))  # pixel scaling only
+    r = evaluate(_Fixed(), prep, loader, 3, torch.device("cpu"))
     assert r.n == 6 and r.top1 == 4 / 6 and r.extra["skipped"] == 1
     assert abs(r.mpa - (1 / 2 + 1 / 2 + 1) / 3) < 1e-9
-    r_tta = evaluate(_Fixed(), nn.Identity(), loader, 3, torch.device("cpu"), tta=True)
+    r_tta = evaluate(_Fixed(), prep, loader, 3, torch.device("cpu"), tta=True)
     assert r_tta.top1 == r.top1  # constant images: every TTA view agrees

@@ -394,7 +394,7 @@ def test_resume_does_not_rescore_finished_shards(trained_run, toy_pool, tmp_path
     seen = []
     real_teacher = score_mod.run_teacher
     monkeypatch.setattr(score_mod, "write_shard", lambda w, r: (written.append(r["shard"]), real_write(w, r)))
-    monkeypatch.setattr(score_mod, "run_teacher", lambda t, c, x, d: (seen.append(len(x)), real_teacher(t, c, x, d))[1])
+    monkeypatch.setattr(score_mod, "run_teacher", lambda t, x, d: (seen.append(len(x)), real_teacher(t, x, d))[1])
     capsys.readouterr()
     summary = mine(str(trained_run), str(toy_pool), str(out), fast(3, shard_size=8, keep_work=True),
                    progress=False)

@@ -5,7 +5,7 @@ import textwrap
 import torch
 
 from kdistill import distributed as dist
-from kdistill.engine.distill import DistillConfig, build_teachers, teacher_table
+from kdistill.engine.distill import DistillConfig, build_teacher, teacher_table
 from kdistill.engine.run import prepare
 
 from test_ranks import torchrun
@@ -17,7 +17,7 @@ def _context(tiny_root, teacher, out):
     cfg.train.device, cfg.train.out, cfg.eval.batch_size = "cpu", str(out), 16
     cfg.distill.teachers = [str(teacher)]
     ctx = prepare(cfg)
-    teachers, _ = build_teachers(ctx, cfg.distill, True)
+    teachers = build_teacher(ctx, cfg.distill)
     return ctx, teachers
 
 

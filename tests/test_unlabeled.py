@@ -11,7 +11,7 @@ from kdistill.data.transforms import Preprocess, Preprocessing
 from kdistill.errors import UserError
 from kdistill.losses import LOSSES, Shapes, build_loss
 from kdistill.methods.distill import Distill, LossBank, TermSpec
-from kdistill.methods.teachers import Teacher, TeacherSet
+from kdistill.methods.teachers import Teacher, FrozenTeachers
 from kdistill.models import create_model
 
 from conftest import TRAIN_ARGS, make_folder, run_cli
@@ -48,7 +48,7 @@ def test_unlabeled_rows_never_reach_ce(monkeypatch):
     teacher = Teacher(create_model("resnet8", 3), PP, "t")
     terms = [TermSpec("ce", 1.0), TermSpec("js", 1.0), TermSpec("kd", 1.0)]
     bank = LossBank({t.name: build_loss(t.name, Shapes(3)) for t in terms})
-    m = Distill(create_model("resnet8", 3), Preprocess(PP), TeacherSet([teacher]), terms, bank)
+    m = Distill(create_model("resnet8", 3), Preprocess(PP), FrozenTeachers([teacher]), terms, bank)
     m.eval()
     y = torch.tensor([2, UNLABELED, 0, UNLABELED])
     out = m({"image": torch.rand(4, 3, 32, 32), "target": y})

@@ -37,6 +37,13 @@ class Preprocessing:
                    float(d.get("crop_pct", 1.0)))
 
 
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Pixel scaling, decided here alone: uint8 0..255 -> float [0, 1]; floats are taken to
+    be [0, 1] already. Batches stay uint8 until a model's :class:`Preprocess` (or a batch
+    mixer, which needs floats) calls this."""
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
+
+
 class Preprocess(nn.Module):
     """uint8 or [0, 1] float (B, 3, H, W) -> normalised float at the model's resolution."""
 
@@ -48,8 +55,7 @@ class Preprocess(nn.Module):
         self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.uint8:
-            x = x.float().div_(255)
+        x = to_unit(x)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.size)

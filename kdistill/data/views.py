@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
 from .sources import UNLABELED, Source
-from .transforms import SMALL_IMAGE
+from .transforms import SMALL_IMAGE, to_unit
 
 # parameter vector layout
 PAD, TOP, LEFT, H, W, FLIP, PARTNER, LAM = range(8)
@@ -118,8 +118,9 @@ def apply_view(img: torch.Tensor, p: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def mix(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
-    """``lam * a + (1 - lam) * b`` in float32, pixel scale 0..255 (what the models see)."""
-    return a.float().mul(lam).add_(b.float(), alpha=1.0 - lam)
+    """``lam * a + (1 - lam) * b`` of two uint8 images, as a [0, 1] float image (not rounded
+    back to uint8; the models' :class:`Preprocess` takes either)."""
+    return to_unit(a).mul(lam).add_(to_unit(b), alpha=1.0 - lam)
 
 
 class ViewDataset(Dataset):
@@ -168,7 +169,7 @@ class ViewDataset(Dataset):
             if other is not None:
                 q = self.params(partner, other)
                 return mix(out, apply_view(other, q, self.spec.size), float(p[LAM])), p
-            return out.float(), p
+            return to_unit(out), p
         return out, p
 
     def __getitem__(self, i: int) -> dict:

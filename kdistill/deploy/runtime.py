@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.transforms import Preprocessing, ResizeCenterCrop
+from ..data.transforms import Preprocessing, ResizeCenterCrop, to_unit
 from ..errors import UserError
 from ..utils import first_line
 
@@ -210,7 +210,7 @@ class Preparer:
         self.crop = ResizeCenterCrop(pp.image_size, pp.crop_pct)
 
     def __call__(self, img: torch.Tensor) -> np.ndarray:
-        return self.crop(as_rgb_uint8(img)).float().div_(255).numpy()
+        return to_unit(self.crop(as_rgb_uint8(img))).numpy()
 
 
 def read_rgb(source: str | bytes, max_pixels: int | None = None) -> torch.Tensor:

@@ -22,7 +22,7 @@ from ..data.softlabels import (FORMAT, fingerprint, read_manifest, topk_renormal
                                view_files, write_manifest)
 from ..data.views import N_PARAMS, ViewDataset, ViewSpec
 from ..errors import UserError
-from ..methods.teachers import TeacherSet, load_teacher
+from ..methods.teachers import TeacherSource, load_teachers
 from ..models.checkpoint import resolve_checkpoint
 from ..utils import ensure_writable_dir, file_sha256, resolve_device
 
@@ -47,13 +47,12 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
     device = dist.init(resolve_device(cfg.train.device))
     splits = open_splits(cfg.data, need_val=False)
     src = splits.train
-    teachers = TeacherSet([load_teacher(t, src.classes, device) for t in cfg.distill.teachers],
-                          cfg.distill.teacher_weights, cfg.distill.ensemble, cfg.distill.merge,
-                          len(src.classes))
-    if teachers.per_teacher:
+    teacher = load_teachers(cfg.distill.teachers, src.classes, device, cfg.distill.teacher_weights,
+                            cfg.distill.ensemble, cfg.distill.merge)
+    if teacher.per_teacher:
         raise UserError("a cache stores one distribution over the data's classes; teachers over "
                         "class subsets need -o distill.merge=concat")
-    size = max(t.prep.size for t in teachers.teachers)
+    size = teacher.size
     spec = ViewSpec.from_data(cfg.data, size, splits.native_size, mix)
     ident = {"teachers": [teacher_identity(t) for t in cfg.distill.teachers]}
     ident["sha256"] = "+".join(t["sha256"] for t in ident["teachers"])
@@ -80,7 +79,7 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
     for v in range(views):
         if v in manifest["done_views"]:
             continue
-        _cache_view(ds, v, views, teachers, manifest["k"], root, device, cfg)
+        _cache_view(ds, v, views, teacher, manifest["k"], root, device, cfg)
         manifest["done_views"] = sorted(manifest["done_views"] + [v])
         if dist.is_main():
             write_manifest(root, manifest)
@@ -92,7 +91,7 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
 
 
 @torch.no_grad()
-def _cache_view(ds: ViewDataset, v: int, views: int, teachers: TeacherSet, k: int, root: Path,
+def _cache_view(ds: ViewDataset, v: int, views: int, teacher: TeacherSource, k: int, root: Path,
                 device: torch.device, cfg) -> None:
     n = len(ds)
     files = view_files(root, v)
@@ -115,7 +114,7 @@ def _cache_view(ds: ViewDataset, v: int, views: int, teachers: TeacherSet, k: in
         if "image" not in batch:
             continue
         idx = batch["index"].numpy()
-        probs = teachers(batch["image"].to(device).float().div_(255)).float().softmax(-1)
+        probs = teacher.logits(batch["image"].to(device)).float().softmax(-1)
         p, i = topk_renormalised(probs, k)
         arrays["probs"][idx] = p.cpu().numpy()
         arrays["index"][idx] = i.cpu().numpy().astype(np.int32)

@@ -14,8 +14,8 @@ from ..config import Config, _check, dump_yaml
 from ..console import log
 from ..errors import UserError
 from ..losses import LOSSES, Shapes, build_loss
-from ..methods.distill import Distill, LossBank, TermSpec, self_teacher
-from ..methods.teachers import TeacherSet, load_teacher
+from ..methods.distill import Distill, LossBank, TermSpec
+from ..methods.teachers import EmaTeacher, FrozenTeachers, StoredOutputs, TeacherSource, load_teachers
 from ..models.hooks import FeatureCapture, pair_layers
 from ..utils import resolve_device, write_json
 from .evaluate import Agreement
@@ -72,28 +72,30 @@ def parse_terms(sd: DistillSection) -> list[TermSpec]:
     return terms
 
 
-def build_teachers(ctx: RunContext, sd: DistillSection, needs_teacher: bool) -> tuple[TeacherSet | None, int | None]:
-    """-> (teachers, self_start epoch or None)."""
-    cl = ctx.cfg.model.channels_last
+def build_teacher(ctx: RunContext, sd: DistillSection) -> TeacherSource | None:
+    """The teacher the config names: frozen models, the EMA self-teacher, or None (a
+    soft-label cache replays stored outputs; no teacher with label terms only)."""
     if sd.soft_labels:
-        return None, None
+        return None
     if sd.self_distill == "ema":
         if sd.teachers:
             raise UserError("distill.self_distill=ema teaches the student with itself; drop --teacher")
-        return self_teacher(ctx.student, ctx.student_prep()), round(sd.self_start * ctx.cfg.train.epochs)
+        return EmaTeacher(ctx.student, ctx.student_prep(), round(sd.self_start * ctx.cfg.train.epochs),
+                          sd.self_decay)
     if not sd.teachers:
-        if needs_teacher:
+        if any(LOSSES.get(t.name).needs_teacher for t in parse_terms(sd)):
             raise UserError("distill needs --teacher RUN_OR_CKPT (or --self-distill ema|born_again)")
-        return None, None
-    teachers = [load_teacher(t, ctx.classes, ctx.device, cl) for t in sd.teachers]
-    return TeacherSet(teachers, sd.teacher_weights, sd.ensemble, sd.merge, len(ctx.classes)), None
+        return None
+    return load_teachers(sd.teachers, ctx.classes, ctx.device, sd.teacher_weights, sd.ensemble,
+                         sd.merge, ctx.cfg.model.channels_last)
 
 
-def build_method(ctx: RunContext, sd: DistillSection) -> tuple[Distill, int]:
-    """The Distill method and the training crop size (the largest model resolution)."""
+def build_method(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | None) -> tuple[Distill, int]:
+    """The Distill method and the training crop size (the largest model resolution).
+    ``teacher`` runs on the batches, except that with a soft-label cache or view 'fixed' the
+    method reads stored outputs (``teacher`` then fills the fixed table)."""
     terms = parse_terms(sd)
     specs = {t.name: LOSSES.get(t.name) for t in terms}
-    teachers, self_start = build_teachers(ctx, sd, any(s.needs_teacher for s in specs.values()))
     families = {s.family for s in specs.values()}
     label_terms = [n for n, s in specs.items() if not s.label_free]
     if sd.view == "funmatch" and label_terms:
@@ -103,29 +105,30 @@ def build_method(ctx: RunContext, sd: DistillSection) -> tuple[Distill, int]:
         raise UserError("feature and relation losses need the teacher's forward pass; with "
                         "--soft-labels or view fixed use logit losses (kd, js, dkd, ...)")
     need_feats, need_embed = "features" in families, "relations" in families
-    s_cap = t_cap = None
+    s_cap = None
     student, prep = ctx.student, ctx.student_prep()
-    crop = max([prep.size] + [t.prep.size for t in (teachers.teachers if teachers else [])])
+    crop = max([prep.size] + ([teacher.size] if teacher is not None and teacher.size else []))
     if need_feats or need_embed:
-        if teachers is None or teachers.single is None:
+        single = teacher.single if isinstance(teacher, FrozenTeachers) else None
+        if single is None:
             raise UserError("feature and relation losses need exactly one teacher over the same "
                             "classes; use logit losses (kd, dkd, ...) for ensembles and merged teachers")
-        t_model = teachers.single.model
-        pairs = pair_layers(student, t_model, sd.feature_pairs) if need_feats else []
+        pairs = pair_layers(student, single.model, sd.feature_pairs) if need_feats else []
         s_cap = FeatureCapture(student, [s for s, _ in pairs], need_embed, "the student")
-        t_cap = FeatureCapture(t_model, [t for _, t in pairs], need_embed, "the teacher")
+        teacher.capture = FeatureCapture(single.model, [t for _, t in pairs], need_embed, "the teacher")
         if pairs:
             log("feature pairs (student:teacher): " + ", ".join(f"{s}:{t}" for s, t in pairs))
-    shapes = dry_run(ctx, teachers, s_cap, t_cap, crop)
+    shapes = dry_run(ctx, teacher, s_cap, crop)
     bank = LossBank({t.name: build_loss(t.name, shapes, **sd.loss_params.get(t.name, {})) for t in terms})
-    method = Distill(student, prep, teachers, terms, bank.to(ctx.device), s_cap, t_cap, self_start,
-                     sd.self_decay)
-    return method, crop
+    if sd.soft_labels or sd.view == "fixed":
+        origin = teacher.describe() if teacher is not None else [
+            {"teacher": t, "soft_labels": sd.soft_labels} for t in sd.teachers or ["cache"]]
+        teacher = StoredOutputs(origin)
+    return Distill(student, prep, teacher, terms, bank.to(ctx.device), s_cap), crop
 
 
 @torch.no_grad()
-def dry_run(ctx: RunContext, teachers: TeacherSet | None, s_cap: FeatureCapture | None,
-            t_cap: FeatureCapture | None, crop: int) -> Shapes:
+def dry_run(ctx: RunContext, teacher: TeacherSource | None, s_cap: FeatureCapture | None, crop: int) -> Shapes:
     """Shapes of captured features and embeddings from one forward of a 2-image batch."""
     shapes = Shapes(len(ctx.classes))
     if s_cap is None:
@@ -135,37 +138,42 @@ def dry_run(ctx: RunContext, teachers: TeacherSet | None, s_cap: FeatureCapture 
     ctx.student.eval()
     ctx.student(ctx.student_prep()(x))
     ctx.student.train(was)
-    teachers.teachers[0](x)
-    for cap, feats_attr, embed_attr in ((s_cap, "s_feats", "s_embed"), (t_cap, "t_feats", "t_embed")):
-        setattr(shapes, feats_attr, [tuple(f.shape[1:]) for f in cap.features()])
-        if cap.embed is not None:
-            setattr(shapes, embed_attr, int(cap.embed.shape[1]))
-        cap.clear()
+    view = teacher.views({"image": x})[0]
+    shapes.s_feats = [tuple(f.shape[1:]) for f in s_cap.features()]
+    shapes.t_feats = [tuple(f.shape[1:]) for f in view.features]
+    shapes.s_embed = 0 if s_cap.embed is None else int(s_cap.embed.shape[1])
+    shapes.t_embed = 0 if view.embed is None else int(view.embed.shape[1])
+    s_cap.clear()
+    teacher.capture.clear()
     return shapes
 
 
-def agreement_hook(ctx: RunContext, method: Distill, sd: DistillSection) -> Agreement | None:
-    t = method.teachers
-    if not sd.agreement or ctx.splits.val is None or t is None or t.per_teacher or sd.self_distill == "ema":
+def agreement_hook(ctx: RunContext, teacher: TeacherSource | None, sd: DistillSection) -> Agreement | None:
+    """Student-teacher agreement on val, for a teacher that runs on images (``size``) and gives
+    one view over all classes, and is not the student itself."""
+    if (not sd.agreement or ctx.splits.val is None or teacher is None or teacher.size is None
+            or isinstance(teacher, EmaTeacher) or getattr(teacher, "per_teacher", False)):
         return None
-    return Agreement(t, len(ctx.splits.val), len(ctx.classes), ctx.device)
+    return Agreement(teacher.logits, len(ctx.splits.val), len(ctx.classes), ctx.device)
 
 
-def distill(cfg: DistillConfig) -> dict:
-    """Distil ``cfg.model`` from ``cfg.distill.teachers`` (or from itself, or a cache)."""
-    if cfg.distill.self_distill == "born_again":
+def distill(cfg: DistillConfig, teacher: TeacherSource | None = None) -> dict:
+    """Distil ``cfg.model`` from ``cfg.distill.teachers`` (or from itself, or a cache), or
+    from ``teacher``, any :class:`TeacherSource` (then ``cfg.distill.teachers`` is unused)."""
+    if cfg.distill.self_distill == "born_again" and teacher is None:
         return born_again(cfg)
     ctx = prepare(cfg)
     try:
-        method, crop = build_method(ctx, cfg.distill)
-        train_ds = train_views(ctx, cfg.distill, method.teachers, crop)
-        return fit(ctx, method, eval_hook=agreement_hook(ctx, method, cfg.distill), crop_size=crop,
+        teacher = teacher.to(ctx.device) if teacher is not None else build_teacher(ctx, cfg.distill)
+        method, crop = build_method(ctx, cfg.distill, teacher)
+        train_ds = train_views(ctx, cfg.distill, teacher, crop)
+        return fit(ctx, method, eval_hook=agreement_hook(ctx, teacher, cfg.distill), crop_size=crop,
                    train_ds=train_ds)
     finally:
         dist.cleanup()
 
 
-def train_views(ctx: RunContext, sd: DistillSection, teachers: TeacherSet | None, crop: int):
+def train_views(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | None, crop: int):
     """The training set for the view mode, or None for the default (consistent) pipeline."""
     from ..data.datasets import train_dataset
     from ..data.softlabels import SoftLabels
@@ -188,17 +196,19 @@ def train_views(ctx: RunContext, sd: DistillSection, teachers: TeacherSet | None
         return ViewDataset(ctx.splits.train, spec, cache.manifest["seed"], params=cache.params,
                            extras=cache.extras, views=cache.views)
     if sd.view == "fixed":
-        if teachers.per_teacher:
+        if teacher is None or teacher.preprocessing is None:
+            raise UserError("view fixed stores the outputs of a teacher that runs on images; give --teacher")
+        if getattr(teacher, "per_teacher", False):
             raise UserError("view fixed stores one distribution per image; teachers over class "
                             "subsets need -o distill.merge=concat")
         base = train_dataset(dc, ctx.splits.train, ctx.splits.native_size, ctx.preprocessing.image_size)
-        return WithTeacherOutputs(base, teacher_table(ctx, teachers))
+        return WithTeacherOutputs(base, teacher_table(ctx, teacher))
     spec = ViewSpec.from_data(dc, crop, ctx.splits.native_size, mix=sd.view == "funmatch")
     return ViewDataset(ctx.splits.train, spec, seed, independent=sd.view == "independent")
 
 
 @torch.no_grad()
-def teacher_table(ctx: RunContext, teachers: TeacherSet,
+def teacher_table(ctx: RunContext, teacher: TeacherSource,
                   chunk_bytes: int = dist.REDUCE_CHUNK_BYTES) -> torch.Tensor:
     """View 'fixed': the teacher's logits on every training image's centre crop, once (fp16,
     on the host). Under torchrun each rank scores a shard; the shards are summed over ranks
@@ -206,13 +216,13 @@ def teacher_table(ctx: RunContext, teachers: TeacherSet,
     from ..data.datasets import eval_dataset
     from ..data.loader import eval_loader
 
-    pp = teachers.teachers[0].preprocessing
-    loader = eval_loader(eval_dataset(ctx.splits.train, pp), ctx.cfg.eval.batch_size, ctx.cfg.data.workers)
+    loader = eval_loader(eval_dataset(ctx.splits.train, teacher.preprocessing), ctx.cfg.eval.batch_size,
+                         ctx.cfg.data.workers)
     table = torch.zeros(len(ctx.splits.train), len(ctx.classes), dtype=torch.float16)
     log(f"view fixed: teacher outputs on {len(table)} centre-cropped training images")
     for batch in loader:
         if "image" in batch:
-            table[batch["index"]] = teachers(batch["image"].to(ctx.device).float().div_(255)).half().cpu()
+            table[batch["index"]] = teacher.logits(batch["image"].to(ctx.device)).half().cpu()
     return dist.all_reduce_sum_chunked(table, ctx.device, chunk_bytes)  # rows of other ranks are 0
 
 

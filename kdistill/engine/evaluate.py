@@ -114,7 +114,7 @@ class Agreement:
         todo = ~self.known[idx]
         if todo.any():
             x = batch["image"].to(self.device)[todo]
-            self.cache[idx[todo]] = self.teacher(x.float().div_(255)).float().softmax(-1)
+            self.cache[idx[todo]] = self.teacher(x).float().softmax(-1)
             self.known[idx[todo]] = True
         p_t = self.cache[idx]
         kl = (p_t * (p_t.clamp_min(1e-12).log() - probs.float().clamp_min(1e-12).log())).sum(-1)
@@ -132,8 +132,6 @@ class Agreement:
 @torch.no_grad()
 def predict_probs(model: nn.Module, prep: nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
     """Class probabilities for a uint8/[0,1] batch; TTA averages probabilities over views."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255)
     views = tta_views(x) if tta else [x]
     probs = sum(model(prep(v)).float().softmax(-1) for v in views)
     return probs / len(views)

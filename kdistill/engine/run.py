@@ -187,13 +187,12 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
     loader = eval_loader(eval_dataset(source, pp), batch_size, workers, dev.type == "cuda")
     hook = None
     if teachers:
-        from ..methods.teachers import TeacherSet, load_teacher
+        from ..methods.teachers import load_teachers
         from .evaluate import Agreement
 
         # teachers over class subsets are joined by their logits (merge=concat)
-        tset = TeacherSet([load_teacher(t, meta["classes"], dev) for t in teachers], merge="concat",
-                          num_classes=meta["num_classes"])
-        hook = Agreement(tset, len(source), meta["num_classes"], dev)
+        teacher = load_teachers(teachers, meta["classes"], dev, merge="concat")
+        hook = Agreement(teacher.logits, len(source), meta["num_classes"], dev)
     result = evaluate(model, Preprocess(pp).to(dev), loader, meta["num_classes"], dev, tta=tta,
                       on_batch=hook.update if hook else None)
     if hook:

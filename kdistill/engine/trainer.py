@@ -24,7 +24,7 @@ from .. import __version__
 from .. import distributed as dist
 from ..config import Config
 from ..console import log, progress
-from ..data.transforms import Preprocessing
+from ..data.transforms import Preprocessing, to_unit
 from ..errors import TrainingError, UserError
 from ..methods.base import Method
 from ..models.checkpoint import load_state, save_model, save_state
@@ -339,19 +339,17 @@ class Trainer:
         self.method.after_step()
 
     def _to_device(self, batch: dict) -> dict:
-        """Tensors to the device; images (and a teacher's own view) to float [0, 1]."""
+        """Tensors to the device (images stay uint8: each model's Preprocess scales them);
+        then the batch mixer, if any, on [0, 1] float images."""
         batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
-        for key in ("image", "image_t"):
-            if key in batch:
-                batch[key] = batch[key].float().div_(255)
         if self.mixer is not None:
             x, y = batch["image"], batch["target"]
             if len(x) % 2:  # timm's batch mixup pairs images: drop one of an odd batch
                 batch = {k: v[:-1] if torch.is_tensor(v) else v for k, v in batch.items()}
                 x, y = batch["image"], batch["target"]
             if len(x):  # a lone image is dropped: the batch then counts as empty
-                batch["image"], batch["target"] = self.mixer(x, y)
+                batch["image"], batch["target"] = self.mixer(to_unit(x), y)
         return batch
 
     def validate(self) -> EvalResult:

@@ -1,5 +1,9 @@
-"""Frozen teachers: loading (run folder, checkpoint, or a timm / torchvision / Hugging Face
-name), per-teacher preprocessing, ensembles, and teachers over different label sets.
+"""Teachers: loading (run folder, checkpoint, or a timm / torchvision / Hugging Face name),
+per-teacher preprocessing, and :class:`TeacherSource`, the one way every user of a teacher
+(distill, cache, mine, eval's agreement, the fixed-view table) gets its outputs: a list of
+:class:`TeacherView` per batch. Kinds: :class:`FrozenTeachers` (one model, an ensemble, or
+teachers over different label sets), :class:`StoredOutputs` (soft-label cache, fixed
+table), :class:`EmaTeacher` (self-distillation).
 
 A teacher sees the same [0, 1] crop as the student and applies its own :class:`Preprocess`
 (resolution and normalisation), so teachers trained at other resolutions or with ImageNet
@@ -7,8 +11,10 @@ statistics need nothing else.
 """
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +22,9 @@ from torch import nn
 
 from ..data.transforms import Preprocess, Preprocessing
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from ..models.hooks import FeatureCapture
 
 
 class Teacher(nn.Module):
@@ -58,7 +67,7 @@ def load_teacher(spec: str, classes: list[str], device: torch.device,
     """``spec``: a run folder or kdistill checkpoint; ``NAME@WEIGHTS`` (a model name and a
     local weights file); or a model name with published weights (downloaded by timm /
     torchvision / the Hugging Face Hub; its outputs must be the data's classes, in order)."""
-    from ..models import create_model, default_preprocessing, read_state_dict
+    from ..models import create_model, default_preprocessing, load_weights
     from ..models.checkpoint import load_model, meta_preprocessing
 
     if Path(spec).exists():
@@ -67,13 +76,8 @@ def load_teacher(spec: str, classes: list[str], device: torch.device,
         index = _map_classes(spec, t_classes, classes)
     elif "@" in spec:
         name, weights = spec.split("@", 1)
-        model = create_model(name, len(classes))
-        state = read_state_dict(weights)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise UserError(f"'{weights}' does not hold {name} weights with {len(classes)} classes: "
-                            f"{str(err).splitlines()[0][:160]}") from None
+        model = load_weights(create_model(name, len(classes)), weights,
+                             f"{name} weights with {len(classes)} classes")
         pp, t_classes, index = default_preprocessing(model, True), None, None
     else:
         if not _looks_like_name(spec):
@@ -99,24 +103,106 @@ def _looks_like_name(spec: str) -> bool:
     return "/" not in spec and not spec.endswith((".safetensors", ".pt", ".pth", ".bin"))
 
 
-class TeacherSet(nn.Module):
-    """One or several teachers.
+@dataclass
+class TeacherView:
+    """What one teacher says about a batch, in the terms the loss functions use.
+
+    ``class_index[j]`` is the student class of output ``j`` (None: the student's classes, in
+    order); ``weight`` is the view's share of each teacher term (the weights of a batch's
+    views sum to 1). ``features`` / ``embed`` are the captured feature maps and pooled
+    embedding, when a feature or relation loss (or mining) asked for them.
+    """
+
+    logits: torch.Tensor
+    class_index: torch.Tensor | None = None
+    weight: float = 1.0
+    features: list[torch.Tensor] = field(default_factory=list)
+    embed: torch.Tensor | None = None
+
+
+class TeacherSource(nn.Module):
+    """Where the teacher outputs for a batch come from: frozen models, outputs stored with the
+    batch (a soft-label cache, the fixed-view table), an EMA of the student.
+
+    A kind implements :meth:`views`; :class:`~kdistill.methods.distill.Distill` combines its
+    loss terms over the views it returns. The class attributes and the other methods have
+    defaults that suit a source which teaches on every batch and keeps no state.
+    """
+
+    kind = "teacher"
+    size: int | None = None  # the largest resolution it runs at (None: runs no model)
+    preprocessing: Preprocessing | None = None  # the crop it wants for stored images (None: any)
+    always = True  # teaches on every batch (else :meth:`active` can be False)
+    capture: FeatureCapture | None = None  # hooks whose features / embedding go in its views
+
+    def views(self, batch: dict) -> list[TeacherView]:
+        """The teacher's views of ``batch`` (``batch["image"]``: uint8 or [0, 1] float on
+        the device; ``image_t``: the teacher's own crop in view mode 'independent'; any
+        stored outputs such as ``t_logits``). No gradients flow into them."""
+        raise NotImplementedError
+
+    def active(self, batch: dict) -> bool:
+        """Whether it teaches on ``batch`` (checked before :meth:`views` is paid for)."""
+        return True
+
+    @torch.no_grad()
+    def view_of(self, x: torch.Tensor) -> TeacherView:
+        """The one view over all of the student's classes of images ``x`` (cache, mining,
+        the fixed-view table, agreement)."""
+        views = self.views({"image": x})
+        if len(views) != 1 or views[0].class_index is not None:
+            raise UserError(f"teacher '{self.kind}' gives per-teacher outputs over class subsets; "
+                            "join them with -o distill.merge=concat")
+        return views[0]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C) logits of :meth:`view_of`."""
+        return self.view_of(x).logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits`: a source can be evaluated like a model."""
+        return self.logits(x)
+
+    def describe(self) -> list[dict]:
+        return [{"teacher": self.kind}]
+
+    # hooks for sources that change during training (the EMA self-teacher)
+    def set_epoch(self, epoch: int, epochs: int, student: nn.Module) -> None:
+        pass
+
+    def after_step(self, student: nn.Module) -> None:
+        pass
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class FrozenTeachers(TeacherSource):
+    """One or several frozen teachers, run on the batch's crop.
 
     If every teacher predicts the student's classes, they form an **ensemble**: the weighted
     mean of their probabilities (``ensemble='prob'``; returned as log-probabilities, which are
     valid logits) or of their logits (``'logit'``). If some teacher covers only a subset of
     the classes, the teachers are **merged**, in one of two ways (``merge``):
 
-    * ``'subset'``: each teacher supervises the student's distribution restricted to its own
-      classes (see ``Distill``), as in Vongkulbhisal et al., CVPR 2019, "Unifying
-      Heterogeneous Classifiers with Distillation". With disjoint label sets this says
-      nothing about which subset an image belongs to: add ``ce`` on labels.
+    * ``'subset'``: one view per teacher, over its own classes: each teacher supervises the
+      student's distribution restricted to its classes, as in Vongkulbhisal et al., CVPR
+      2019, "Unifying Heterogeneous Classifiers with Distillation". With disjoint label sets
+      this says nothing about which subset an image belongs to: add ``ce`` on labels.
     * ``'concat'``: the teachers' logits are placed side by side in one vector over the
       student's classes (the weighted mean where label sets overlap) and the student matches
       its softmax, as in Shen et al., AAAI 2019, "Amalgamating Knowledge towards
       Comprehensive Classification". Label-free, since a teacher's logits on images outside
       its classes are low; every student class must be covered by some teacher.
+
+    ``capture`` (set by whoever needs them) records the single teacher's features and
+    embedding, which then travel in its view.
     """
+
+    kind = "frozen"
 
     def __init__(self, teachers: list[Teacher], weights: list[float] | None = None,
                  ensemble: Literal["prob", "logit"] = "prob", merge: Literal["subset", "concat"] = "subset",
@@ -147,6 +233,8 @@ class TeacherSet(nn.Module):
                 raise UserError(f"distill.merge=concat needs every class covered by some teacher; "
                                 f"{(num_classes or 0) - len(covered)} class(es) are not: use merge=subset "
                                 "with ce on labels")
+        self.size = max(t.prep.size for t in teachers)
+        self.preprocessing = teachers[0].preprocessing
 
     @property
     def single(self) -> Teacher | None:
@@ -154,15 +242,28 @@ class TeacherSet(nn.Module):
 
     @property
     def per_teacher(self) -> bool:
-        """True when ``forward`` returns each teacher's own logits (merge='subset')."""
+        """True when each teacher gives its own view (merge='subset')."""
         return self.merged and self.merge == "subset"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """Logits (B, C) over the student's classes, or, for teachers merged by subset, a
-        list of each teacher's own logits."""
+    def train(self, mode: bool = True) -> "FrozenTeachers":
+        return super().train(False)
+
+    @torch.no_grad()
+    def views(self, batch: dict) -> list[TeacherView]:
+        x = batch.get("image_t", batch["image"])  # the teacher's own crop in 'independent' mode
+        if self.capture is not None:
+            self.capture.clear()
         outs = [t(x) for t in self.teachers]
         if self.per_teacher:
-            return outs
+            return [TeacherView(o, torch.as_tensor(t.class_index, device=o.device), w)
+                    for t, w, o in zip(self.teachers, self.weights, outs)]
+        view = TeacherView(self._combine(outs))
+        if self.capture is not None:
+            view.features = [f.detach() for f in self.capture.features()]
+            view.embed = None if self.capture.embed is None else self.capture.embed.detach()
+        return [view]
+
+    def _combine(self, outs: list[torch.Tensor]) -> torch.Tensor:
         if self.merged:
             return self._concat(outs)
         if len(outs) == 1:
@@ -186,3 +287,79 @@ class TeacherSet(nn.Module):
     def describe(self) -> list[dict]:
         return [{"teacher": t.name, "weight": w, **({"classes": t.classes} if t.class_index else {})}
                 for t, w in zip(self.teachers, self.weights)]
+
+
+class StoredOutputs(TeacherSource):
+    """Teacher outputs that come with the batch (``batch["t_logits"]``): a soft-label cache
+    replayed view by view, or the table of view mode 'fixed'. Runs no model."""
+
+    kind = "stored"
+
+    def __init__(self, origin: list[dict]) -> None:
+        super().__init__()
+        self.origin = origin  # what computed them, for describe()
+
+    def views(self, batch: dict) -> list[TeacherView]:
+        return [TeacherView(batch["t_logits"].float())]
+
+    def active(self, batch: dict) -> bool:
+        return "t_logits" in batch
+
+    def describe(self) -> list[dict]:
+        return self.origin
+
+
+class EmaTeacher(FrozenTeachers):
+    """Self-distillation: a frozen copy of the student that, at epoch ``start``, becomes a
+    snapshot of the student and then follows its weights as an EMA (``decay`` per step),
+    teaching the last epochs."""
+
+    kind = "self-ema"
+    always = False
+
+    def __init__(self, student: nn.Module, prep: Preprocess, start: int, decay: float = 0.999) -> None:
+        pp = Preprocessing(prep.size, prep.mean.flatten().tolist(), prep.std.flatten().tolist())
+        super().__init__([Teacher(copy.deepcopy(student), pp, self.kind, channels_last=prep.channels_last)])
+        self.start, self.decay = start, decay
+        self.register_buffer("on", torch.tensor(False), persistent=False)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.teachers[0].model
+
+    def active(self, batch: dict) -> bool:
+        return bool(self.on)
+
+    def describe(self) -> list[dict]:
+        return [{"teacher": self.kind, "start_epoch": self.start, "decay": self.decay}]
+
+    def set_epoch(self, epoch: int, epochs: int, student: nn.Module) -> None:
+        if epoch >= self.start and not bool(self.on):
+            self.model.load_state_dict(student.state_dict())
+            self.on.fill_(True)
+
+    @torch.no_grad()
+    def after_step(self, student: nn.Module) -> None:
+        if not bool(self.on):
+            return
+        for t, s in zip(self.model.state_dict().values(), student.state_dict().values()):
+            if t.is_floating_point():
+                t.lerp_(s.detach(), 1 - self.decay)
+            else:
+                t.copy_(s)
+
+    def extra_state(self) -> dict:
+        return {"teacher_on": bool(self.on), "ema": self.model.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if state:
+            self.model.load_state_dict(state["ema"])
+            self.on.fill_(state["teacher_on"])
+
+
+def load_teachers(specs: list[str], classes: list[str], device: torch.device,
+                  weights: list[float] | None = None, ensemble: Literal["prob", "logit"] = "prob",
+                  merge: Literal["subset", "concat"] = "subset", channels_last: bool = False) -> FrozenTeachers:
+    """:func:`load_teacher` for each spec, as one :class:`FrozenTeachers` over ``classes``."""
+    return FrozenTeachers([load_teacher(s, classes, device, channels_last) for s in specs], weights,
+                          ensemble, merge, len(classes))

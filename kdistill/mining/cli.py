@@ -36,8 +36,7 @@ from .pool import Pool, open_pool
 from .score import Merged, ShardScorer, assign, build_index, merge_shards, score_shards, shard_path
 
 if TYPE_CHECKING:
-    from ..methods.teachers import Teacher
-    from ..models.hooks import FeatureCapture
+    from ..methods.teachers import TeacherSource
 
 DEDUP_COLUMNS = ["pool_image", "eval_image", "method", "score", "phash_distance", "cosine"]
 
@@ -84,7 +83,7 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
     """Let ``teacher`` pick the top-``cfg.top_k`` images per class of ``pool`` after removing
     near-duplicates of the ``dedup_against`` images; writes ``out`` and returns the summary.
     Under torchrun each rank scores every world_size-th pending shard; rank 0 merges."""
-    from ..methods.teachers import load_teacher
+    from ..methods.teachers import load_teachers
     from ..models.checkpoint import read_meta, resolve_checkpoint
     from ..models.hooks import FeatureCapture
 
@@ -107,15 +106,15 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
                 "dedup_against": [s.paths.digest() for s in eval_sets]}
     own_group = not dist.is_distributed()
     dev = dist.init(resolve_device(device))
-    capture = None
+    t = None
     try:
-        t = load_teacher(teacher, classes, dev)
-        if eval_sets and cfg.embed_threshold <= 1.0:
-            capture = FeatureCapture(t.model, [], embed=True, role="teacher")
+        t = load_teachers([teacher], classes, dev)
+        if eval_sets and cfg.embed_threshold <= 1.0:  # the teacher's pooled embeddings, for dedup
+            t.capture = FeatureCapture(t.single.model, [], embed=True, role="teacher")
         if dist.is_main():
             _open_work(work, settings)
         dist.barrier()
-        index = _dedup_index(work, eval_sets, t, capture, cfg, dev, progress) if eval_sets else None
+        index = _dedup_index(work, eval_sets, t, cfg, dev, progress) if eval_sets else None
         n_shards = math.ceil(len(the_pool) / cfg.shard_size)
         pending = None
         if dist.is_main():
@@ -125,7 +124,7 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
         pending = dist.broadcast_object(pending)
         scorer = ShardScorer(len(classes), cfg.top_k, cfg.min_prob, index)
         score_shards(the_pool.paths, pending[dist.rank()::dist.world_size()], cfg.shard_size, work, t,
-                     capture, scorer, cfg.batch_size, cfg.workers, dev, progress)
+                     scorer, cfg.batch_size, cfg.workers, dev, progress)
         dist.barrier()
         summary: dict = {}
         if dist.is_main():
@@ -139,8 +138,8 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
         dist.barrier()
         return summary if dist.is_main() else json.loads(Path(f"{out}.summary.json").read_text())
     finally:
-        if capture is not None:
-            capture.remove()
+        if t is not None and t.capture is not None:
+            t.capture.remove()
         if own_group:
             dist.cleanup()
 
@@ -160,14 +159,13 @@ def _open_work(work: Path, settings: dict) -> None:
     write_json(manifest, settings)
 
 
-def _dedup_index(work: Path, eval_sets: list[Pool], teacher: Teacher,
-                 capture: FeatureCapture | None, cfg: MineConfig, dev: torch.device,
+def _dedup_index(work: Path, eval_sets: list[Pool], teacher: TeacherSource, cfg: MineConfig, dev: torch.device,
                  progress: bool) -> DedupIndex:
     """The evaluation fingerprints, computed once by rank 0 and cached in the work folder."""
     cache = work / "eval.pt"
     if dist.is_main() and not cache.is_file():
         paths = [p for s in eval_sets for p in s.paths]
-        index = build_index(paths, teacher, capture, cfg.batch_size, cfg.workers, dev,
+        index = build_index(paths, teacher, cfg.batch_size, cfg.workers, dev,
                             cfg.phash_threshold, cfg.embed_threshold, progress)
         if not index.paths:
             raise UserError(f"none of the {len(paths)} --dedup-against images could be read")

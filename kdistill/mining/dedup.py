@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..data.transforms import to_unit
+
 PHASH_THRESHOLD = 8
 EMBED_THRESHOLD = 0.99
 EVAL_CROPS = (1.0, 0.95, 0.9, 0.85, 0.8)  # framings of each evaluation image that are hashed
@@ -67,7 +69,7 @@ _BITS = torch.arange(HASH_SIZE * HASH_SIZE, dtype=torch.int64)
 
 def phash(images: torch.Tensor) -> torch.Tensor:
     """64-bit DCT perceptual hashes of uint8 (or [0, 1] float) images (B, 3|1, H, W) -> int64 (B,)."""
-    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images).float()
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.shape[1] == 3:

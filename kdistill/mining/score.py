@@ -29,8 +29,7 @@ from .dedup import EVAL_CROPS, DedupIndex
 from .pool import PoolImages, ShardBatches, collate_pool
 
 if TYPE_CHECKING:
-    from ..methods.teachers import Teacher
-    from ..models.hooks import FeatureCapture
+    from ..methods.teachers import TeacherSource
 
 SHARD_FORMAT = 1
 
@@ -210,14 +209,11 @@ def _slots(cls: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------ teacher passes
 
 
-def run_teacher(teacher: Teacher, capture: FeatureCapture | None, images: torch.Tensor, device: torch.device
+def run_teacher(teacher: TeacherSource, images: torch.Tensor, device: torch.device
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """uint8 batch -> (logits, raw pooled embeddings or None), both on the CPU."""
-    if capture is not None:
-        capture.clear()
-    logits = teacher(images.to(device, non_blocking=True))
-    embeds = capture.embed.float().cpu() if capture is not None and capture.embed is not None else None
-    return logits.float().cpu(), embeds
+    """uint8 batch -> (logits, raw pooled embeddings or None when not captured), on the CPU."""
+    view = teacher.view_of(images.to(device, non_blocking=True))
+    return view.logits.float().cpu(), None if view.embed is None else view.embed.float().cpu()
 
 
 def _loader(dataset, workers: int, device: torch.device, **kw) -> DataLoader:
@@ -225,14 +221,14 @@ def _loader(dataset, workers: int, device: torch.device, **kw) -> DataLoader:
                       pin_memory=device.type == "cuda", **kw)
 
 
-def build_index(paths: Sequence[str], teacher: Teacher, capture: FeatureCapture | None, batch_size: int, workers: int,
+def build_index(paths: Sequence[str], teacher: TeacherSource, batch_size: int, workers: int,
                 device: torch.device, phash_threshold: int, embed_threshold: float,
                 show_progress: bool = True) -> DedupIndex:
     """Fingerprint the evaluation images: pHashes of each at :data:`EVAL_CROPS` framings and,
     when the embedding test is on, the teacher's pooled embeddings."""
     pp = teacher.preprocessing
     ds = PoolImages(paths, eval_transform(pp.image_size, pp.crop_pct), EVAL_CROPS)
-    use_embed = capture is not None and embed_threshold <= 1.0
+    use_embed = teacher.capture is not None and embed_threshold <= 1.0
     keep, hashes, embeds, skipped = [], [], [], []
     with progress(len(ds), "dedup index", show_progress) as bar:
         for batch in _loader(ds, workers, device, batch_size=batch_size):
@@ -241,7 +237,7 @@ def build_index(paths: Sequence[str], teacher: Teacher, capture: FeatureCapture 
                 keep += batch["index"].tolist()
                 hashes.append(batch["phash"])
                 if use_embed:
-                    embeds.append(run_teacher(teacher, capture, batch["image"], device)[1])
+                    embeds.append(run_teacher(teacher, batch["image"], device)[1])
             bar.update(len(batch["skipped"]) + len(batch.get("index", [])))
     return DedupIndex([paths[i] for i in keep],
                       torch.cat(hashes) if hashes else torch.zeros(0, len(EVAL_CROPS), dtype=torch.long),
@@ -250,7 +246,7 @@ def build_index(paths: Sequence[str], teacher: Teacher, capture: FeatureCapture 
 
 
 def score_shards(paths: Sequence[str], shards: Sequence[int], shard_size: int, work: Path,
-                 teacher: Teacher, capture: FeatureCapture | None, scorer: ShardScorer, batch_size: int, workers: int,
+                 teacher: TeacherSource, scorer: ShardScorer, batch_size: int, workers: int,
                  device: torch.device, show_progress: bool = True) -> int:
     """Score the given shards of the pool, writing each one as soon as it is complete."""
     pp = teacher.preprocessing
@@ -268,7 +264,7 @@ def score_shards(paths: Sequence[str], shards: Sequence[int], shard_size: int, w
                     written += 1
                 scorer.start(shard)
                 current = shard
-            logits, embeds = (run_teacher(teacher, capture, batch["image"], device)
+            logits, embeds = (run_teacher(teacher, batch["image"], device)
                               if "image" in batch else (None, None))
             scorer.add(batch, logits, embeds, path_of)
             bar.update(len(batch["skipped"]) + len(batch.get("index", [])))

@@ -99,13 +99,7 @@ def _create_torchvision(name: str, num_classes: int, pretrained: bool, path: str
     if not pretrained:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if path:
-        model = torchvision.models.get_model(name, weights=None)
-        state = read_state_dict(path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as err:
-            raise UserError(f"'{path}' does not hold {name} weights: "
-                            f"{str(err).splitlines()[0][:200]}") from None
+        model = load_weights(torchvision.models.get_model(name, weights=None), path, f"{name} weights")
     else:
         model = torchvision.models.get_model(name, weights="DEFAULT")
     if _last_linear(model).out_features != num_classes:
@@ -116,6 +110,15 @@ def _create_torchvision(name: str, num_classes: int, pretrained: bool, path: str
 def _check_file(path: str) -> None:
     if not Path(path).is_file():
         raise UserError(f"weights file '{path}' does not exist")
+
+
+def load_weights(model: nn.Module, path: str, what: str) -> nn.Module:
+    """``model`` with the weights of file ``path``, which must hold ``what`` (for the error)."""
+    try:
+        model.load_state_dict(read_state_dict(path))
+    except RuntimeError as err:
+        raise UserError(f"'{path}' does not hold {what}: {str(err).splitlines()[0][:160]}") from None
+    return model
 
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
