@@ -83,7 +83,8 @@ def runtime_latency(name: str, workdir: Path, seconds: float, threads: int | Non
     """ms/image at batch 1 and 32: torch eager vs onnxruntime, same model, same inputs."""
     import numpy as np
 
-    from kdistill.deploy.runtime import Normalized, OnnxPredictor
+    from kdistill.deploy.runtime import OnnxPredictor
+    from kdistill.models.onnx import Normalized
     from kdistill.models.profile import callable_latency_ms, count_flops, latency_ms
     from kdistill.utils import count_params
 

@@ -107,9 +107,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_teacher_runtime(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--teacher-runtime (None: the config's distill.teacher_runtime)."""
+    from typing import get_args
+
+    from .config import TEACHER_RUNTIME_HELP, TeacherRuntime
+
+    p.add_argument("--teacher-runtime", choices=get_args(TeacherRuntime), default=default,
+                   help=TEACHER_RUNTIME_HELP + (f" (default {default})" if default else ""))
+
+
 def add_distill_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",
                    help="teacher: run folder, checkpoint, NAME@WEIGHTS or model name (repeatable: ensemble)")
+    add_teacher_runtime(p)
     p.add_argument("--loss", action="append", metavar="NAME[:WEIGHT]",
                    help="loss term, e.g. kd:0.9 (repeatable; see `kdistill list losses`)")
     p.add_argument("--feature-pairs", metavar="S:T,...", help="student:teacher layer names")
@@ -133,6 +144,7 @@ def distill_config(args: argparse.Namespace):
         "distill.teachers": args.teacher, "distill.losses": args.loss, "distill.feature_pairs": pairs,
         "distill.self_distill": args.self_distill, "distill.generations": args.generations,
         "distill.view": args.view, "distill.soft_labels": args.soft_labels,
+        "distill.teacher_runtime": args.teacher_runtime,
         "data.unlabeled": args.unlabeled, "data.unlabeled_fraction": args.unlabeled_fraction,
         "data.ignore_labels": True if args.ignore_labels else None})
 
@@ -151,7 +163,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     flags = {"data.root": args.data, "distill.teachers": args.teacher, "train.device": args.device,
              "data.workers": args.workers, "eval.batch_size": args.batch_size, "train.seed": args.seed,
-             "train.progress": False if args.no_progress else None}
+             "train.progress": False if args.no_progress else None,
+             "distill.teacher_runtime": args.teacher_runtime}
     cfg = build_config(DistillConfig, args.config, flags, args.override)
     if not cfg.data.root and not cfg.data.train:
         raise UserError("cache needs --data ROOT")
@@ -206,7 +219,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError("eval needs --data ROOT (the data to evaluate on)")
     ec = from_args(EvalConfig, args)
     summary, report = evaluate_run(args.run, args.data, ec.split, ec.tta, ec.batch_size,
-                                   args.workers, args.device, args.report, args.teacher or [])
+                                   args.workers, args.device, args.report, args.teacher or [],
+                                   args.teacher_runtime)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -289,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", help="store a teacher's soft labels for N augmented views of the data")
     c.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT", help="repeatable: ensemble")
+    add_teacher_runtime(c)
     c.add_argument("--data", metavar="ROOT")
     c.add_argument("--views", type=int, metavar="N", help="augmented views per image")
     c.add_argument("--top-k", type=int, default=10, metavar="K", help="probabilities kept per view")
@@ -325,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", metavar="DIR", help="report folder (default beside the checkpoint)")
     e.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",
                    help="also report student-teacher agreement and KL (repeatable: ensemble)")
+    add_teacher_runtime(e, "auto")
     e.set_defaults(func=cmd_eval)
 
     ls = sub.add_parser("list", help="list models, losses or recipes")

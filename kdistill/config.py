@@ -19,6 +19,13 @@ import yaml
 from .errors import UserError
 
 
+# how a frozen teacher runs (kdistill/methods/compiled.py): distill, cache, mine, eval --teacher
+TeacherRuntime = Literal["auto", "eager", "onnx", "compile"]
+TEACHER_RUNTIME_HELP = ("how a frozen teacher runs: auto (compile on CUDA, onnx on CPU when onnxruntime "
+                        "is installed, else eager), eager, onnx (ONNX Runtime, CPU) or compile (torch.compile); "
+                        "checked against eager at start, eager when it disagrees")
+
+
 def arg(default: Any, help: str, metavar: str | None = None) -> Any:
     """A dataclass field whose ``help`` (and ``metavar``) also describe its command-line
     flag: :func:`add_flags` makes ``--field-name`` from it, default and all."""
@@ -85,6 +92,7 @@ class ModelConfig:
     checkpoint: str | None = None  # start from a kdistill run or checkpoint
     drop_rate: float = 0.0
     channels_last: bool = False
+    compile: bool = False  # torch.compile the student's forward (weights and checkpoints unchanged)
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must be set (see `kdistill list models`)")
@@ -135,6 +143,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for smoke runs and benchmarks
     progress: bool = True
     threads: int | None = None  # torch intra-op threads on CPU
+    sync_every: int = 50  # steps between host syncs: the non-finite-loss check and the progress bar
 
     def __post_init__(self) -> None:
         _check(self.epochs > 0, "train.epochs", "must be > 0")
@@ -143,6 +152,7 @@ class TrainConfig:
         _check(0 <= self.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
         _check(self.rdrop >= 0, "train.rdrop", "must be >= 0")
         _check(self.eval_every > 0, "train.eval_every", "must be > 0")
+        _check(self.sync_every > 0, "train.sync_every", "must be > 0")
         _check(self.max_steps_per_epoch is None or self.max_steps_per_epoch > 0,
                "train.max_steps_per_epoch", "must be > 0")
 

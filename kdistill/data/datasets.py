@@ -8,6 +8,7 @@ stage above), which this module does not import. ``views`` (replayable views) an
 """
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -219,3 +220,11 @@ def train_dataset(cfg: DataConfig, source: Source, native: int, size: int,
 
 def eval_dataset(source: Source, pp: Preprocessing) -> ImageDataset:
     return ImageDataset(source, eval_transform(pp.image_size, pp.crop_pct))
+
+
+def first_images(ds: Dataset, n: int = 32) -> torch.Tensor | None:
+    """The first ``n`` readable images of ``ds`` (items with an ``image``), stacked, or None
+    when none is readable (e.g. a batch to check a compiled teacher on)."""
+    readable = (item["image"] for item in (ds[i] for i in range(len(ds))) if "image" in item)
+    images = list(itertools.islice(readable, n))
+    return torch.stack(images) if images else None

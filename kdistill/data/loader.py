@@ -19,11 +19,14 @@ from .datasets import ImageDataset
 
 def collate(samples: list[dict]) -> dict:
     """Stack good samples (images, targets, indices and any extra tensors, e.g. a teacher's
-    outputs or its own view); unreadable ones are listed under ``"skipped"``."""
+    outputs or its own view); unreadable ones are listed under ``"skipped"``.
+    ``"labeled"`` says, as a Python bool, whether every image has a label (target >= 0), so
+    that nobody has to ask the device."""
     good = [s for s in samples if "skipped" not in s]
     batch: dict = {"skipped": [s["skipped"] for s in samples if "skipped" in s]}
     if good:
         batch["image"] = torch.stack([s["image"] for s in good])
+        batch["labeled"] = all(s["target"] >= 0 for s in good)
         batch["target"] = torch.tensor([s["target"] for s in good], dtype=torch.long)
         batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
         for key in good[0].keys() - {"image", "target", "index"}:
@@ -91,15 +94,22 @@ class EpochLoader:
 
     With ``unlabeled_fraction`` (a :class:`~kdistill.data.datasets.MixedDataset`), every
     batch holds that share of unlabeled images; otherwise images are drawn uniformly from
-    the whole dataset."""
+    the whole dataset.
+
+    ``persistent``: keep the worker processes from epoch to epoch (their start-up is paid
+    once; used on CUDA). Not for datasets that change by epoch (``set_epoch``: views),
+    whose workers must see the new epoch. Their random streams then run on across epochs,
+    so a resumed run's augmentations are not those of an uninterrupted one."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int,
-                 pin_memory: bool = False, unlabeled_fraction: float | None = None) -> None:
+                 pin_memory: bool = False, unlabeled_fraction: float | None = None,
+                 persistent: bool = False) -> None:
         self.seed = seed
         self.dataset = dataset
         self.generator = torch.Generator()
+        persistent = persistent and workers > 0 and not hasattr(dataset, "set_epoch")
         common = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                      generator=self.generator, persistent_workers=False)
+                      generator=self.generator, persistent_workers=persistent)
         if unlabeled_fraction is not None:
             self.sampler: Sampler = MixedBatchSampler(
                 dataset.n_labeled, len(dataset.unlabeled), batch_size, unlabeled_fraction, seed,

@@ -54,12 +54,16 @@ class Preprocess(nn.Module):
         self.register_buffer("mean", torch.tensor(pp.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(pp.std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def resized(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] float at the model's resolution, not normalised (an exported graph's input)."""
         x = to_unit(x)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.size)
-        x = (x - self.mean) / self.std
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (self.resized(x) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 

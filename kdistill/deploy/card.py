@@ -25,7 +25,8 @@ from torch import nn
 from ..data.transforms import Preprocessing
 from ..models.profile import callable_latency_ms, count_flops, latency_ms, machine
 from ..utils import atomic_write_text, count_params, file_sha256, write_json
-from .runtime import Normalized, OnnxPredictor, Predictor
+from ..models.onnx import Normalized
+from .runtime import OnnxPredictor, Predictor
 
 LATENCY_BATCHES = (1, 32)
 LATENCY_THREADS = 1  # see measure_latency

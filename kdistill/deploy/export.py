@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
-import io
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -35,7 +34,8 @@ from ..data.transforms import Preprocessing
 from ..errors import KdistillError, UserError
 from ..utils import atomic_path
 from . import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
-from .runtime import (INPUT_NAME, META_KEY, OUTPUT_NAME, TS_EXTRA, ImageError, Normalized, OnnxPredictor,
+from ..models.onnx import INPUT_NAME, OUTPUT_NAME, Normalized, onnx_bytes
+from .runtime import (META_KEY, TS_EXTRA, ImageError, OnnxPredictor,
                       Predictor, Preparer, load_torchscript, read_rgb, softmax, torch_logits)
 
 MIN_OPSET, MAX_OPSET = 9, 20  # the TorchScript-based ONNX exporter's range (needs no onnxscript)
@@ -76,20 +76,11 @@ def write_onnx(module: nn.Module, meta: dict, path: Path, opset: int = DEFAULT_O
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UserError(f"--opset {opset} is not supported; use {MIN_OPSET}..{MAX_OPSET} "
                         f"(default {DEFAULT_OPSET})")
-    size = meta["preprocessing"]["image_size"]
-    example = torch.rand(2, 3, size, size)
-    buf = io.BytesIO()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, (example,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=opset, do_constant_folding=True, dynamo=False)
-    except Exception as err:  # noqa: BLE001
-        raise KdistillError(f"ONNX export of {meta['arch']} failed at opset {opset}: "
-                            f"{str(err).strip().splitlines()[0][:200]}; try another --opset or "
-                            "--format torchscript") from None
-    proto = onnx.load_from_string(buf.getvalue())
+        raw = onnx_bytes(module, meta["preprocessing"]["image_size"], opset, meta["arch"])
+    except KdistillError as err:
+        raise KdistillError(f"{err}; try another --opset or --format torchscript") from None
+    proto = onnx.load_from_string(raw)
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps({**meta, "opset": opset})
     proto.doc_string = f"kdistill student {meta['arch']}: input [0,1] NCHW float32, output logits"

@@ -21,25 +21,12 @@ from torch import nn
 
 from ..data.transforms import Preprocessing, ResizeCenterCrop, to_unit
 from ..errors import UserError
+from ..models.onnx import Normalized, ort_session
 from ..utils import first_line
 
 META_KEY = "kdistill"  # ONNX metadata_props key / TorchScript extra file (kdistill.json)
 TS_EXTRA = "kdistill.json"
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CHECKPOINT_SUFFIXES = (".safetensors",)
-
-
-class Normalized(nn.Module):
-    """``model((x - mean) / std)``: the exported graph, taking [0, 1] images."""
-
-    def __init__(self, model: nn.Module, pp: Preprocessing) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(pp.mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(pp.std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean) / self.std)
 
 
 # ------------------------------------------------------------------ predictors
@@ -68,16 +55,7 @@ class OnnxPredictor(Predictor):
     backend = "onnxruntime"
 
     def __init__(self, path: str, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as err:  # noqa: BLE001
-            raise UserError(f"cannot load ONNX model '{path}' ({first_line(err)})") from None
+        self.session = ort_session(str(path), threads)
         raw = self.session.get_modelmeta().custom_metadata_map.get(META_KEY)
         super().__init__(_parse_meta(raw, path), str(path))
         self.input_name = self.session.get_inputs()[0].name

@@ -16,12 +16,13 @@ from torch.utils.data import DataLoader
 
 from .. import distributed as dist
 from ..console import log, progress
-from ..data.datasets import open_splits
+from ..data.datasets import eval_dataset, first_images, open_splits
 from ..data.loader import ShardSampler, collate
 from ..data.softlabels import (FORMAT, fingerprint, read_manifest, topk_renormalised,
                                view_files, write_manifest)
 from ..data.views import N_PARAMS, ViewDataset, ViewSpec
 from ..errors import UserError
+from ..methods.compiled import compile_teachers
 from ..methods.teachers import TeacherSource, load_teachers
 from ..models.checkpoint import resolve_checkpoint
 from ..utils import ensure_writable_dir, file_sha256, resolve_device
@@ -52,6 +53,8 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
     if teacher.per_teacher:
         raise UserError("a cache stores one distribution over the data's classes; teachers over "
                         "class subsets need -o distill.merge=concat")
+    compile_teachers(teacher, cfg.distill.teacher_runtime, device,
+                     lambda: first_images(eval_dataset(src, teacher.preprocessing)))
     size = teacher.size
     spec = ViewSpec.from_data(cfg.data, size, splits.native_size, mix)
     ident = {"teachers": [teacher_identity(t) for t in cfg.distill.teachers]}

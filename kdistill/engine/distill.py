@@ -10,10 +10,12 @@ from typing import Any, Literal
 import torch
 
 from .. import distributed as dist
-from ..config import Config, _check, dump_yaml
+from ..config import Config, TeacherRuntime, _check, dump_yaml
 from ..console import log
 from ..errors import UserError
 from ..losses import LOSSES, Shapes, build_loss
+from ..data.datasets import eval_dataset, first_images
+from ..methods.compiled import compile_teachers
 from ..methods.distill import Distill, LossBank, TermSpec
 from ..methods.teachers import EmaTeacher, FrozenTeachers, StoredOutputs, TeacherSource, load_teachers
 from ..models.hooks import FeatureCapture, pair_layers
@@ -42,6 +44,7 @@ class DistillSection:
     agreement: bool = True  # report student-teacher agreement on val every epoch
     view: Literal["consistent", "fixed", "independent", "funmatch"] = "consistent"  # see data/views.py
     soft_labels: str | None = None  # a kdistill cache folder: replay its views, load no teacher
+    teacher_runtime: TeacherRuntime = "auto"  # auto | eager | onnx | compile (methods/compiled.py)
 
     def __post_init__(self) -> None:
         _check(self.generations >= 1, "distill.generations", "must be >= 1")
@@ -120,6 +123,9 @@ def build_method(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | N
             log("feature pairs (student:teacher): " + ", ".join(f"{s}:{t}" for s, t in pairs))
     shapes = dry_run(ctx, teacher, s_cap, crop)
     bank = LossBank({t.name: build_loss(t.name, shapes, **sd.loss_params.get(t.name, {})) for t in terms})
+    if isinstance(teacher, FrozenTeachers) and not isinstance(teacher, EmaTeacher):  # config checked: compile
+        compile_teachers(teacher, sd.teacher_runtime, ctx.device,
+                         lambda: first_images(eval_dataset(ctx.splits.train, teacher.preprocessing)))
     if sd.soft_labels or sd.view == "fixed":
         origin = teacher.describe() if teacher is not None else [
             {"teacher": t, "soft_labels": sd.soft_labels} for t in sd.teachers or ["cache"]]

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import distributed as dist
-from ..config import Config, DataConfig, EvalConfig, TrainConfig, dump_yaml
+from ..config import Config, DataConfig, EvalConfig, TeacherRuntime, TrainConfig, dump_yaml
 from ..console import log
 from ..data.datasets import Splits, eval_dataset, open_splits, resolve_preprocessing, train_dataset
 from ..data.loader import EpochLoader, eval_loader, make_mixer
@@ -117,6 +117,8 @@ def prepare(cfg: Config) -> RunContext:
     student = student.to(device)
     if mc.channels_last:
         student = student.to(memory_format=torch.channels_last)
+    if mc.compile:
+        student.compile()  # in place: parameter names (and checkpoints) stay those of the model
     return RunContext(cfg, device, out, splits, student, pp)
 
 
@@ -136,7 +138,8 @@ def fit(ctx: RunContext, method: Method, meta: dict | None = None, eval_hook: Ev
         train_ds = train_dataset(dc, ctx.splits.train, ctx.splits.native_size,
                                  crop_size or ctx.preprocessing.image_size, unlabeled)
     fraction = dc.unlabeled_fraction if unlabeled is not None else None
-    loader = EpochLoader(train_ds, cfg.train.batch_size, dc.workers, cfg.train.seed, pin, fraction)
+    loader = EpochLoader(train_ds, cfg.train.batch_size, dc.workers, cfg.train.seed, pin, fraction,
+                         persistent=pin)
     val = None
     if ctx.splits.val is not None:
         val = eval_loader(eval_dataset(ctx.splits.val, ctx.preprocessing), cfg.eval.batch_size,
@@ -165,7 +168,8 @@ def train(cfg: Config) -> dict:
 def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
                  tta: bool = EvalConfig.tta, batch_size: int = EvalConfig.batch_size,
                  workers: int = DataConfig.workers, device: str = TrainConfig.device,
-                 out: str | None = None, teachers: list[str] = ()) -> tuple[dict, Path]:
+                 out: str | None = None, teachers: list[str] = (),
+                 teacher_runtime: TeacherRuntime = "auto") -> tuple[dict, Path]:
     """``kdistill eval``: metrics of a checkpoint on one split, with a report folder; with
     ``teachers``, also student-teacher agreement and mean KL to the (ensemble) teacher."""
     from ..data.sources import open_source
@@ -187,11 +191,15 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
     loader = eval_loader(eval_dataset(source, pp), batch_size, workers, dev.type == "cuda")
     hook = None
     if teachers:
+        from ..data.datasets import first_images
+        from ..methods.compiled import compile_teachers
         from ..methods.teachers import load_teachers
         from .evaluate import Agreement
 
         # teachers over class subsets are joined by their logits (merge=concat)
         teacher = load_teachers(teachers, meta["classes"], dev, merge="concat")
+        compile_teachers(teacher, teacher_runtime, dev,
+                         lambda: first_images(eval_dataset(source, teacher.preprocessing)))
         hook = Agreement(teacher.logits, len(source), meta["num_classes"], dev)
     result = evaluate(model, Preprocess(pp).to(dev), loader, meta["num_classes"], dev, tta=tta,
                       on_batch=hook.update if hook else None)

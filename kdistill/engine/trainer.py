@@ -252,6 +252,11 @@ class Trainer:
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         window_images, synced = 0, False
+        # the loss is checked on the host only every train.sync_every steps and at the end
+        # (no host sync per step): the first non-finite loss and its step are kept on the device
+        bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        bad_loss = torch.zeros((), device=self.device)
+        loss = None
         for i, batch in enumerate(self.train_loader):
             if i >= n_batches:
                 break
@@ -271,11 +276,9 @@ class Trainer:
                     with self.autocast():
                         out = self.method(batch)
                     loss = out["loss"]
-                    if not torch.isfinite(loss.detach()):
-                        raise TrainingError(
-                            f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopped. "
-                            f"The last good checkpoint ({self.out / 'last.pt'}) is intact: lower "
-                            "optim.lr, set optim.clip_grad, or turn off train.amp, then --resume")
+                    first = (bad_step < 0) & ~torch.isfinite(loss.detach())
+                    bad_step.masked_fill_(first, i)
+                    bad_loss = torch.where(first, loss.detach().float(), bad_loss)
                     # a full batch weighs 1 / window; _optimizer_step rescales to the real mean
                     self.scaler.scale(loss * (n / tc.batch_size) / window).backward()
                 window_images += images
@@ -284,9 +287,12 @@ class Trainer:
                 for k, v in out.items():
                     if k != "logits" and v.dim() == 0:
                         sums[k] = sums.get(k, 0.0) + v.detach().float() * n
-                rate = stats.images / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                                img_s=f"{rate:.0f}", refresh=False)
+            if (i + 1) % tc.sync_every == 0:
+                self._check_loss(bad_step, bad_loss, epoch)
+                if loss is not None:
+                    rate = stats.images / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}",
+                                    lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
             if last:
                 if window_images:
                     self._optimizer_step(params, window_images, tc.batch_size * window * dist.world_size(),
@@ -295,6 +301,7 @@ class Trainer:
                 window_images, synced = 0, False
             bar.update(1)
         bar.close()
+        self._check_loss(bad_step, bad_loss, epoch)
         if self.scheduler is not None:
             self.scheduler.step(epoch + 1)
         stats.seconds = time.perf_counter() - t0
@@ -304,6 +311,15 @@ class Trainer:
                                                      torch.tensor(float(stats.images), device=self.device)]))
             stats.terms = {k: float(v) for k, v in zip(keys, total[:-1] / total[-1].clamp_min(1))}
         return stats
+
+    def _check_loss(self, bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int) -> None:
+        """Stop (before anything is saved) if some step's loss was not finite."""
+        step = int(bad_step)
+        if step >= 0:
+            raise TrainingError(
+                f"loss became {float(bad_loss)} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                f"The last good checkpoint ({self.out / 'last.pt'}) is intact: lower "
+                "optim.lr, set optim.clip_grad, or turn off train.amp, then --resume")
 
     def _count_images(self, n: int) -> tuple[int, int]:
         """-> (readable images of this micro-batch over all ranks, ranks that have none)."""

@@ -321,26 +321,26 @@ class EmaTeacher(FrozenTeachers):
         pp = Preprocessing(prep.size, prep.mean.flatten().tolist(), prep.std.flatten().tolist())
         super().__init__([Teacher(copy.deepcopy(student), pp, self.kind, channels_last=prep.channels_last)])
         self.start, self.decay = start, decay
-        self.register_buffer("on", torch.tensor(False), persistent=False)
+        self.on = False  # a Python bool: checking it costs no device sync
 
     @property
     def model(self) -> nn.Module:
         return self.teachers[0].model
 
     def active(self, batch: dict) -> bool:
-        return bool(self.on)
+        return self.on
 
     def describe(self) -> list[dict]:
         return [{"teacher": self.kind, "start_epoch": self.start, "decay": self.decay}]
 
     def set_epoch(self, epoch: int, epochs: int, student: nn.Module) -> None:
-        if epoch >= self.start and not bool(self.on):
+        if epoch >= self.start and not self.on:
             self.model.load_state_dict(student.state_dict())
-            self.on.fill_(True)
+            self.on = True
 
     @torch.no_grad()
     def after_step(self, student: nn.Module) -> None:
-        if not bool(self.on):
+        if not self.on:
             return
         for t, s in zip(self.model.state_dict().values(), student.state_dict().values()):
             if t.is_floating_point():
@@ -349,12 +349,12 @@ class EmaTeacher(FrozenTeachers):
                 t.copy_(s)
 
     def extra_state(self) -> dict:
-        return {"teacher_on": bool(self.on), "ema": self.model.state_dict()}
+        return {"teacher_on": self.on, "ema": self.model.state_dict()}
 
     def load_extra_state(self, state: dict) -> None:
         if state:
             self.model.load_state_dict(state["ema"])
-            self.on.fill_(state["teacher_on"])
+            self.on = bool(state["teacher_on"])
 
 
 def load_teachers(specs: list[str], classes: list[str], device: torch.device,

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from .. import distributed as dist
-from ..config import add_flags, arg, from_args
+from ..config import TEACHER_RUNTIME_HELP, TeacherRuntime, add_flags, arg, from_args
 from ..console import log
 from ..errors import UserError
 from ..utils import (atomic_path, atomic_write, atomic_write_text, ensure_writable_file_parent,
                      resolve_device, write_json)
 from .dedup import EMBED_THRESHOLD, PHASH_THRESHOLD, DedupIndex
-from .pool import Pool, open_pool
+from .pool import Pool, PoolImages, open_pool
 from .score import Merged, ShardScorer, assign, build_index, merge_shards, score_shards, shard_path
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class MineConfig:
     workers: int = arg(2, "DataLoader worker processes", "N")
     shard_size: int = arg(4096, "images per resumable shard", "N")
     keep_work: bool = arg(False, "keep LIST.work/ (shard results) after success")
+    teacher_runtime: TeacherRuntime = arg("auto", TEACHER_RUNTIME_HELP)
 
     def _name(self, key: str) -> str:
         """How an error names field ``key``: here as the flag of ``kdistill mine``."""
@@ -83,6 +84,9 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
     """Let ``teacher`` pick the top-``cfg.top_k`` images per class of ``pool`` after removing
     near-duplicates of the ``dedup_against`` images; writes ``out`` and returns the summary.
     Under torchrun each rank scores every world_size-th pending shard; rank 0 merges."""
+    from ..data.datasets import first_images
+    from ..data.transforms import eval_transform
+    from ..methods.compiled import compile_teachers
     from ..methods.teachers import load_teachers
     from ..models.checkpoint import read_meta, resolve_checkpoint
     from ..models.hooks import FeatureCapture
@@ -111,6 +115,9 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
         t = load_teachers([teacher], classes, dev)
         if eval_sets and cfg.embed_threshold <= 1.0:  # the teacher's pooled embeddings, for dedup
             t.capture = FeatureCapture(t.single.model, [], embed=True, role="teacher")
+        pp = t.preprocessing
+        compile_teachers(t, cfg.teacher_runtime, dev, lambda: first_images(
+            PoolImages(the_pool.paths, eval_transform(pp.image_size, pp.crop_pct))))
         if dist.is_main():
             _open_work(work, settings)
         dist.barrier()

@@ -1,0 +1,240 @@
+"""Online distillation speed: is a frozen teacher still a full training step? (issue 15)
+
+    .venv/bin/python bench/speed.py [--steps 100] [--rounds 3] [--precisions native]
+
+In one process, for resnet56 -> resnet20 and resnet20 -> resnet8 on CIFAR-10 (batch 128,
+images decoded in RAM, 2 loader workers), the images/s of:
+
+* ``plain student`` / ``plain KD``: a competent hand-written PyTorch loop (channels_last,
+  SGD, the same augmentation; KD with the teacher in eval mode under ``inference_mode``);
+* ``student``: kdistill's Trainer, CE only;
+* ``KD eager`` / ``KD compiled``: kdistill online KD (0.9 KL at T=4 + 0.1 CE) with
+  ``distill.teacher_runtime=eager`` and ``auto`` (ONNX Runtime on this CPU);
+* ``KD cache``: KD replayed from a soft-label cache (``kdistill cache``, top-10).
+
+Statistic: the median over ``--rounds`` interleaved rounds of one ``--steps``-step epoch
+each. Precisions: fp32, plus bf16 autocast where the CPU has native bf16 (``native``).
+Then the compiled teacher's exactness: the teacher's val top-1 with either runtime, and the
+first 50 training-step losses of two fp32 runs with the same seed.
+Teachers are 1-step runs (speed does not depend on the weights), cached under
+bench/cache/speed. Results: bench/results/speed.json, BENCHMARKS.md section "speed".
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, CIFAR, kdistill, machine, save_result, today, update_section  # noqa: E402
+
+TRAIN_IMAGES = 15000  # > steps x batch: one capped epoch never wraps
+PAIRS = (("resnet56", "resnet20"), ("resnet20", "resnet8"))
+RECIPE = Path(__file__).resolve().parent.parent / "kdistill/configs/cifar/kd_resnet56_resnet20.yaml"
+
+
+def teacher_run(arch: str) -> Path:
+    out = CACHE / "speed" / f"teacher-{arch}"
+    if not (out / "best.safetensors").is_file():
+        kdistill("train", "--data", CIFAR, "--model", arch, "--epochs", "1", "--out", str(out), "--no-progress",
+                 "-o", "train.max_steps_per_epoch=2", "-o", f"data.max_train_images={TRAIN_IMAGES}",
+                 "-o", "data.max_val_images=128", *(["--resume"] if (out / "last.pt").exists() else []))
+    return out
+
+
+def soft_labels(teacher: Path, arch: str) -> Path:
+    out = CACHE / "speed" / f"cache-{arch}"
+    if not (out / "manifest.json").is_file() or len(_manifest(out)["done_views"]) < 1:
+        kdistill("cache", "--teacher", str(teacher), "--data", CIFAR, "--views", "1", "--top-k", "10",
+                 "--out", str(out), "--no-progress", "-o", f"data.max_train_images={TRAIN_IMAGES}",
+                 "-o", "data.auto_augment=none")
+    return out
+
+
+def _manifest(out: Path) -> dict:
+    import json
+
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _args(student: str, steps: int, amp: bool, out: str, *extra: str) -> list[str]:
+    return ["distill", "-c", str(RECIPE), "--data", CIFAR, "--model", student, "--out", str(CACHE / "speed" / out),
+            "--no-progress", "-o", f"train.max_steps_per_epoch={steps}", "-o", "distill.agreement=false",
+            "-o", f"data.max_train_images={TRAIN_IMAGES}", "-o", "data.max_val_images=128",
+            "-o", f"train.amp={str(amp).lower()}", "-o", "train.sync_every=1000", *extra]
+
+
+def trainer(argv: list[str]):
+    """kdistill's Trainer for ``kdistill ARGV`` (no val loader), built once, timed per epoch."""
+    from kdistill.cli import build_parser, distill_config
+    from kdistill.data.datasets import train_dataset
+    from kdistill.data.loader import EpochLoader
+    from kdistill.engine import distill
+    from kdistill.engine.run import prepare
+    from kdistill.engine.trainer import Trainer
+
+    cfg = distill_config(build_parser().parse_args(argv))
+    ctx = prepare(cfg)
+    teacher = distill.build_teacher(ctx, cfg.distill)
+    method, crop = distill.build_method(ctx, cfg.distill, teacher)
+    ds = distill.train_views(ctx, cfg.distill, teacher, crop) or train_dataset(
+        cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
+    loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed)
+    return Trainer(cfg, method.to(ctx.device), loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)
+
+
+class KdistillArm:
+    def __init__(self, argv: list[str]) -> None:
+        self.trainer, self.epoch = trainer(argv), 0
+
+    def __call__(self) -> float:
+        stats = self.trainer.train_epoch(self.epoch)
+        self.epoch += 1
+        return stats.images / stats.seconds
+
+
+class PlainArm:
+    """A hand-written loop: same data, augmentation (pad-and-crop + flip), SGD and batch."""
+
+    def __init__(self, student: str, teacher: Path | None, steps: int, amp: bool) -> None:
+        from throughput import _Plain
+
+        from kdistill.cli import build_parser, distill_config
+        from kdistill.engine.run import prepare
+        from kdistill.models import create_model
+        from kdistill.models.checkpoint import load_model
+
+        cfg = distill_config(build_parser().parse_args(_args(student, steps, amp, "plain", "--loss", "ce",
+                                                             "-o", "distill.teachers=[]")))
+        ctx = prepare(cfg)
+        self.steps, self.amp = steps, amp
+        self.loader = torch.utils.data.DataLoader(_Plain(ctx.splits.train), batch_size=cfg.train.batch_size,
+                                                  shuffle=True, drop_last=True, num_workers=cfg.data.workers)
+        self.student = create_model(student, 10).to(memory_format=torch.channels_last).train()
+        self.teacher = None if teacher is None else load_model(str(teacher))[0].eval().to(
+            memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        pp = ctx.preprocessing
+        self.m, self.s = torch.tensor(pp.mean).view(1, 3, 1, 1), torch.tensor(pp.std).view(1, 3, 1, 1)
+
+    def __call__(self) -> float:
+        seen, start, T = 0, time.perf_counter(), 4.0
+        for i, (x, y) in enumerate(self.loader):
+            if i >= self.steps:
+                break
+            x = ((x.float() / 255 - self.m) / self.s).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
+                logits = self.student(x)
+                loss = F.cross_entropy(logits.float(), y)
+                if self.teacher is not None:
+                    with torch.inference_mode():
+                        t = self.teacher(x).float()
+                    kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.softmax(t.clone() / T, -1),
+                                  reduction="batchmean")
+                    loss = 0.9 * kl * T * T + 0.1 * loss
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            seen += len(y)
+        return seen / (time.perf_counter() - start)
+
+
+def measure(pair: tuple[str, str], amp: bool, steps: int, rounds: int) -> dict:
+    t_arch, s_arch = pair
+    teacher = teacher_run(t_arch)
+    cache = soft_labels(teacher, t_arch)
+    tag = f"{t_arch}-{s_arch}-{'bf16' if amp else 'fp32'}"
+    arms = {
+        "plain student": PlainArm(s_arch, None, steps, amp),
+        "plain KD": PlainArm(s_arch, teacher, steps, amp),
+        "student": KdistillArm(_args(s_arch, steps, amp, f"{tag}-s", "--loss", "ce", "-o", "distill.teachers=[]")),
+        "KD eager": KdistillArm(_args(s_arch, steps, amp, f"{tag}-e", "--teacher", str(teacher),
+                                      "--teacher-runtime", "eager")),
+        "KD compiled": KdistillArm(_args(s_arch, steps, amp, f"{tag}-c", "--teacher", str(teacher),
+                                         "--teacher-runtime", "auto")),
+        "KD cache": KdistillArm(_args(s_arch, steps, amp, f"{tag}-k", "--soft-labels", str(cache),
+                                      "-o", "distill.teachers=[]", "-o", "data.auto_augment=none")),
+    }
+    runs: dict[str, list[float]] = {k: [] for k in arms}
+    for r in range(rounds):
+        for name, arm in arms.items():
+            runs[name].append(arm())
+            print(f"  [{tag}] round {r + 1} {name}: {runs[name][-1]:.0f} img/s", flush=True)
+    return {"pair": f"{t_arch} -> {s_arch}", "precision": "bf16" if amp else "fp32", "runs": runs,
+            "median": {k: statistics.median(v) for k, v in runs.items()}}
+
+
+def exactness(steps: int = 50) -> dict:
+    """The compiled teacher changes nothing it should not (fp32, resnet56 -> resnet20)."""
+    from kdistill.engine.run import evaluate_run
+
+    teacher = teacher_run("resnet56")
+    acc = {rt: evaluate_run(str(teacher), CIFAR, out=str(CACHE / "speed" / f"eval-{rt}"), teachers=[str(teacher)],
+                            teacher_runtime=rt)[0] for rt in ("eager", "onnx")}
+    losses = {}
+    for rt in ("eager", "onnx"):
+        arm = KdistillArm(_args("resnet20", steps, False, f"exact-{rt}", "--teacher", str(teacher),
+                                "--teacher-runtime", rt, "-o", "data.workers=0"))
+        method, seen = arm.trainer.method, []
+        forward = method.forward
+        method.forward = lambda batch, _f=forward, _s=seen: (lambda out: (_s.append(float(out["loss"])), out)[1])(_f(batch))
+        arm()
+        losses[rt] = seen
+    diff = max(abs(a - b) for a, b in zip(losses["eager"], losses["onnx"]))
+    return {"val_top1": {rt: acc[rt]["top1"] for rt in acc}, "val_agreement_with_eager": acc["onnx"]["agreement"],
+            "steps": len(losses["eager"]), "max_loss_diff": diff}
+
+
+def write_section(r: dict) -> None:
+    lines = [f"Measured {r['date']} on {r['machine']} (CPU capability {r['cpu_capability']}, native bf16: "
+             f"{r['native_bf16']}) by `python bench/speed.py --steps {r['steps']} --rounds {r['rounds']}`. "
+             f"Images/s, median of {r['rounds']} interleaved rounds of one {r['steps']}-step epoch (batch 128), "
+             "all arms in one process. `KD compiled` is `distill.teacher_runtime=auto` (ONNX Runtime, fp32, on "
+             "this CPU).", "",
+             "| pair | precision | plain student | plain KD | student | KD eager | KD compiled | KD cache | "
+             "compiled / student | compiled / plain KD | cache / student | student / plain student |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in r["results"]:
+        md = m["median"]
+        lines.append(f"| {m['pair']} | {m['precision']} | " + " | ".join(f"{md[k]:.0f}" for k in (
+            "plain student", "plain KD", "student", "KD eager", "KD compiled", "KD cache")) +
+            f" | {md['KD compiled'] / md['student']:.2f} | {md['KD compiled'] / md['plain KD']:.2f} | "
+            f"{md['KD cache'] / md['student']:.2f} | {md['student'] / md['plain student']:.2f} |")
+    e = r.get("exactness")
+    if e:
+        lines += ["", f"Exactness (fp32, resnet56 -> resnet20): the teacher's val top-1 is "
+                  f"{e['val_top1']['eager']:.4f} eager and {e['val_top1']['onnx']:.4f} with ONNX Runtime "
+                  f"(top-1 agreement {e['val_agreement_with_eager']:.4f}); over the first {e['steps']} training "
+                  f"steps with the same seed the losses differ by at most {e['max_loss_diff']:.1e}."]
+    update_section("speed", "## Online KD: a teacher compiled for inference\n\n" + "\n".join(lines))
+
+
+def main() -> None:
+    from kdistill.engine import precision
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--precisions", choices=["native", "fp32"], default="native")
+    ap.add_argument("--pairs", type=int, default=len(PAIRS), help="the first N pairs only")
+    args = ap.parse_args()
+    bf16 = precision.cpu_native_bf16() and args.precisions == "native"
+    results = [measure(pair, amp, args.steps, args.rounds) for pair in PAIRS[:args.pairs]
+               for amp in ([False, True] if bf16 else [False])]
+    r = {"date": today(), "machine": machine(), "cpu_capability": precision.cpu_capability(),
+         "native_bf16": precision.cpu_native_bf16(), "steps": args.steps, "rounds": args.rounds,
+         "results": results, "exactness": exactness()}
+    save_result("speed", r)
+    write_section(r)
+    for m in results:
+        print(m["pair"], m["precision"], {k: round(v) for k, v in m["median"].items()})
+    print("exactness:", r["exactness"])
+
+
+if __name__ == "__main__":
+    main()
