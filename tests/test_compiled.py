@@ -37,7 +37,8 @@ def test_onnx_teacher_reproduces_eager(tiny_root, trained_run, capsys):
 
 
 def test_auto_rule():
-    assert compiled.resolve_runtime("auto", CPU) == "onnx"  # onnxruntime is a core dependency
+    assert compiled.resolve_runtime("auto", CPU) == "onnx"  # fp32; onnxruntime is a core dependency
+    assert compiled.resolve_runtime("auto", CPU, torch.bfloat16) == "eager"  # native bf16 beats it
     assert compiled.resolve_runtime("auto", torch.device("cuda")) == "compile"
     assert compiled.resolve_runtime("eager", CPU) == "eager"
 
@@ -84,7 +85,8 @@ def test_a_teacher_the_runtime_gets_wrong_stays_eager(model, says, capsys):
 def test_captured_features_keep_the_teacher_eager(tiny_root, trained_run, tmp_path, capsys):
     out = tmp_path / "at"
     assert main(["distill", "--data", str(tiny_root), "--teacher", str(trained_run), "--model", "resnet8",
-                 "--loss", "at", "--loss", "ce", "--epochs", "1", "--out", str(out), *TRAIN_ARGS]) == 0
+                 "--loss", "at", "--loss", "ce", "--epochs", "1", "--out", str(out), "--teacher-runtime", "onnx",
+                 *TRAIN_ARGS]) == 0
     assert "the teacher stays eager instead of onnx" in capsys.readouterr().err
 
 

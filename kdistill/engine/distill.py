@@ -20,6 +20,7 @@ from ..methods.distill import Distill, LossBank, TermSpec
 from ..methods.teachers import EmaTeacher, FrozenTeachers, StoredOutputs, TeacherSource, load_teachers
 from ..models.hooks import FeatureCapture, pair_layers
 from ..utils import resolve_device, write_json
+from . import precision
 from .evaluate import Agreement
 from .run import RunContext, copy_checkpoints, fit, prepare, run_folder, run_stage, train
 
@@ -124,8 +125,10 @@ def build_method(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | N
     shapes = dry_run(ctx, teacher, s_cap, crop)
     bank = LossBank({t.name: build_loss(t.name, shapes, **sd.loss_params.get(t.name, {})) for t in terms})
     if isinstance(teacher, FrozenTeachers) and not isinstance(teacher, EmaTeacher):  # config checked: compile
+        tc = ctx.cfg.train
         compile_teachers(teacher, sd.teacher_runtime, ctx.device,
-                         lambda: first_images(eval_dataset(ctx.splits.train, teacher.preprocessing)))
+                         lambda: first_images(eval_dataset(ctx.splits.train, teacher.preprocessing)),
+                         precision.resolve(ctx.device, tc.amp, tc.amp_dtype).dtype)
     if sd.soft_labels or sd.view == "fixed":
         origin = teacher.describe() if teacher is not None else [
             {"teacher": t, "soft_labels": sd.soft_labels} for t in sd.teachers or ["cache"]]
