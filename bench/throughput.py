@@ -226,7 +226,9 @@ def main() -> None:
              f"precision {prec.name}, by `python bench/throughput.py --amp {asked} --steps {args.steps}"
              + (" --baseline-src OLD_CHECKOUT" if args.baseline_src else "") + "`: batch 128, channels_last, "
              f"{args.steps} steps, best of {args.rounds} interleaved rounds, each in a fresh process, CIFAR-10 "
-             "decoded in RAM; the KD teacher is an untrained resnet56 (speed does not depend on weights)"
+             "decoded in RAM; the KD teacher is an untrained resnet56 (speed does not depend on weights), "
+             "run by kdistill with `distill.teacher_runtime=auto` (ONNX Runtime in fp32 on a CPU, eager under "
+             "bf16; a baseline checkout from before issue 15 runs it eager) and by the plain loop eagerly"
              + (f"; baseline: kdistill at commit {result['baseline_commit']}" if args.baseline_src else "")
              + ".", "",
              "| arm | kdistill img/s | plain PyTorch loop img/s | kdistill / plain |"
