@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,6 +14,9 @@ from kdistill.models.profile import machine  # noqa: F401 - one machine line for
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("KDISTILL_BENCH_CACHE", ROOT / "bench" / "cache"))
+# Multi-hour runs (teachers, multi-seed arms) live outside the work tree, so that no checkout,
+# clean or copy of the repository touches them; KDISTILL_BENCH_CACHE overrides both.
+LONG_CACHE = Path(os.environ.get("KDISTILL_BENCH_CACHE", Path.home() / ".cache" / "kdistill-bench"))
 CIFAR = os.environ.get("KDISTILL_CIFAR", str(ROOT.parent / "shared" / "data" / "cifar10"))
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 RESULTS = ROOT / "bench" / "results"
@@ -56,6 +60,58 @@ def update_section(name: str, body: str) -> None:
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     BENCHMARKS.write_text(text)
+
+
+def fit_steps(target: int, per_epoch: int) -> tuple[int, int]:
+    """``(epochs, steps per epoch)`` whose product is closest to ``target`` optimizer steps,
+    with at most ``per_epoch`` steps (the loader's full batches) per epoch; ties: fewer epochs.
+    Arms over datasets of different sizes then see the same number of images."""
+    first = max(math.ceil(target / per_epoch), 1)
+    plans = [(e, min(per_epoch, max(round(target / e), 1))) for e in range(max(first - 1, 1), first + 4)]
+    return min(plans, key=lambda es: (abs(es[0] * es[1] - target), es[0]))
+
+
+def run_record(out: Path) -> dict | None:
+    """A finished run's last-epoch val metrics, images seen, precision and time, read from its
+    ``summary.json`` and ``metrics.jsonl``; None while it has not finished. Nothing here is
+    chosen on the val split: ``final`` is the last epoch's evaluation."""
+    if not (out / "summary.json").is_file():
+        return None
+    s = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    final = s.get("final") or {}
+    return {"top1": final.get("top1"), "mpa": final.get("mpa"), "agreement": final.get("agreement"),
+            "kl_to_teacher": final.get("kl_to_teacher"), "epochs": s["epochs"],
+            "images": sum(round(r["train.images_per_s"] * r["train.seconds"]) for r in rows),
+            "precision": sorted({r.get("precision", "?") for r in rows}),
+            "train_seconds": round(sum(r["train.seconds"] for r in rows)),
+            "images_per_s": s.get("train_images_per_s"),
+            "finished": _dt.datetime.fromtimestamp((out / "summary.json").stat().st_mtime).date().isoformat()}
+
+
+def run_progress(out: Path) -> str:
+    """'done', 'epoch i of a run in progress or interrupted', or 'pending'."""
+    if (out / "summary.json").is_file():
+        return "done"
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        return f"interrupted or running after epoch {sum(1 for ln in metrics.read_text().splitlines() if ln.strip())}"
+    return "pending"
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, None
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))
+
+
+def fmt_mean_std(values: list[float]) -> str:
+    if not values:
+        return "pending"
+    m, sd = mean_std(values)
+    return f"{m:.4f}" if sd is None else f"{m:.4f} ± {sd:.4f}"
 
 
 def save_result(name: str, obj) -> None:

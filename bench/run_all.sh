@@ -7,11 +7,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 step() { echo "== $(date -Is) $*"; "$PY" "$@" || echo "== FAILED ($?): $*"; }  # a failure does not stop the rest
 step bench/train_baselines.py                                   # issue 2: teacher, baseline, loop speed
-step bench/distill_methods.py --pairs resnet20 --skip-throughput # issue 3: every method, resnet56 -> resnet20
 step bench/merge_teachers.py                                    # issue 3: teachers over different label sets
-step bench/distill_methods.py                                   # issue 3: + cross-family pair, throughput
 step bench/funmatch.py throughput                               # issue 5a
-step bench/ssld.py                                              # issue 4: SSLD with 10% labels
+step bench/ssld.py                                              # issue 16: SSLD in the paper's setting (hours; ~/.cache/kdistill-bench)
+step bench/distill_methods.py --seeds 3                         # issue 16: baseline/kd/dkd/mgd x 3 seeds (its teacher)
 step bench/funmatch.py accuracy                                 # issue 5b
 step bench/funmatch.py topk                                     # issue 5: top-k truncation
 step bench/funmatch.py patience --epochs 30 --train-images 10000  # issue 5c
