@@ -126,6 +126,13 @@ def test_ssld_command_runs_stages_and_reuses_them(tiny_root, trained_run, tmp_pa
     assert (out / "finetune" / "best.safetensors").is_file() and (out / "best.safetensors").is_file()
     distill_row = json.loads((out / "distill" / "metrics.jsonl").read_text().splitlines()[0])
     assert distill_row["train.js"] > 0  # label-free term on labeled + mined images
+    # the fine-tune starts from the distilled weights of the last epoch, not the val-selected best,
+    # and the table reports last epochs (never selected on the split it shows)
+    from kdistill.config import load_yaml
+
+    assert load_yaml(out / "finetune" / "config.yaml")["model"]["checkpoint"].endswith("distill/last.safetensors")
+    assert "val top-1 (last epoch)" in table
+    assert f"{summary['stages']['fine-tune (labeled)']['final']['top1']:.4f}" in table
     stamp = (out / "distill" / "last.pt").stat().st_mtime_ns
     assert main(args) == 0  # everything finished: reused, not retrained
     assert (out / "distill" / "last.pt").stat().st_mtime_ns == stamp

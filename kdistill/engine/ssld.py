@@ -148,18 +148,19 @@ def _ssld(cfg: SSLDConfig) -> dict:
     if sc.finetune_epochs > 0:
         fcfg = narrow(copy.deepcopy(cfg), DistillConfig)
         fcfg.train.epochs, fcfg.optim.lr, fcfg.optim.warmup_epochs = sc.finetune_epochs, sc.finetune_lr, 0
-        fcfg.model.checkpoint = str(out / "distill")
+        # the distill stage's last weights: its best epoch was chosen on the val split reported
+        fcfg.model.checkpoint = str(out / "distill" / "last.safetensors")
         fcfg.distill.losses = list(sc.finetune_losses)
         fcfg.distill.warmup_epochs, fcfg.distill.loss_params = {}, {}
         if sc.finetune_image_size:
             fcfg.data.image_size = sc.finetune_image_size
         rows.append(("fine-tune (labeled)", _stage(fcfg, out / "finetune", "finetune")))
 
-    lines = ["| stage | images | val top-1 | val MPA |", "|---|---|---|---|",
+    lines = ["| stage | images | val top-1 (last epoch) | val MPA |", "|---|---|---|---|",
              f"| mine | {mine_summary['selected']} selected of {mine_summary['pool_size']} "
              f"({mine_summary['duplicates_removed']} near-copies of eval images removed) | - | - |"]
     for name, s in rows:
-        b = s.get("best") or {}
+        b = s.get("final") or {}
         lines.append(f"| {name} | - | {b.get('top1', float('nan')):.4f} | {b.get('mpa', float('nan')):.4f} |")
     table = "\n".join(lines)
     final = {**rows[-1][1], "out": str(out), "stages": {"mine": mine_summary,
