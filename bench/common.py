@@ -52,6 +52,37 @@ def ensure_run(command: str, out: Path, epochs: int, args: list[str]) -> dict:
     return run_stage(out, epochs, start, out.name)
 
 
+def distill_trainer(argv: list[str]):
+    """The Trainer that ``kdistill ARGV`` (a distill command) would run, without a val
+    loader, for timing capped epochs (``train_epoch``). Pinned memory and persistent workers
+    on CUDA, as ``kdistill`` itself. Works with a baseline checkout from before the teacher
+    abstraction and the data stages (bench/throughput.py --baseline-src)."""
+    from kdistill.cli import build_parser, distill_config
+    from kdistill.data.loader import EpochLoader
+    from kdistill.engine import distill
+    from kdistill.engine.run import prepare
+    from kdistill.engine.trainer import Trainer
+    try:
+        from kdistill.data.datasets import train_dataset
+    except ImportError:  # before the data stages were split
+        from kdistill.data.loader import train_dataset
+
+    cfg = distill_config(build_parser().parse_args(argv))
+    ctx = prepare(cfg)
+    if hasattr(distill, "build_teacher"):
+        teacher = distill.build_teacher(ctx, cfg.distill)
+        method, crop = distill.build_method(ctx, cfg.distill, teacher)
+    else:  # before the teacher abstraction
+        method, crop = distill.build_method(ctx, cfg.distill)
+        teacher = method.teachers
+    ds = distill.train_views(ctx, cfg.distill, teacher, crop) or train_dataset(
+        cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
+    cuda = ctx.device.type == "cuda"
+    loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed,
+                         **({"pin_memory": True, "persistent": True} if cuda else {}))
+    return Trainer(cfg, method.to(ctx.device), loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)
+
+
 def update_section(name: str, body: str) -> None:
     """Replace (or append) the block between ``<!-- name -->`` markers in BENCHMARKS.md."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

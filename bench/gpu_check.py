@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 PAIRS = {"resnet56 -> resnet20 (32 px)": ("resnet56", "resnet20", 32),
          "resnet50 -> mobilenetv3_large_100 (224 px)": ("timm:resnet50", "timm:mobilenetv3_large_100", 224)}
@@ -64,29 +64,11 @@ def teacher_run(root: Path, data: Path, arch: str, size: int, device: str) -> Pa
     return out
 
 
-def trainer(argv: list[str], overrides: list[str]):
-    from kdistill.cli import build_parser, distill_config
-    from kdistill.data.datasets import train_dataset
-    from kdistill.data.loader import EpochLoader
-    from kdistill.engine import distill
-    from kdistill.engine.run import prepare
-    from kdistill.engine.trainer import Trainer
-
-    args = build_parser().parse_args(argv + [a for o in overrides for a in ("-o", o)])
-    cfg = distill_config(args)
-    ctx = prepare(cfg)
-    teacher = distill.build_teacher(ctx, cfg.distill)
-    method, crop = distill.build_method(ctx, cfg.distill, teacher)
-    ds = distill.train_views(ctx, cfg.distill, teacher, crop) or train_dataset(
-        cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
-    loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed,
-                         pin_memory=ctx.device.type == "cuda", persistent=ctx.device.type == "cuda")
-    return Trainer(cfg, method.to(ctx.device), loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)
-
-
 def measure(argv: list[str], overrides: list[str], cuda: bool) -> tuple[float, float, float]:
     """(img/s, peak GB, host syncs per step) of the second of two capped epochs."""
-    t = trainer(argv, overrides)
+    from common import distill_trainer
+
+    t = distill_trainer(argv + [a for o in overrides for a in ("-o", o)])
     t.train_epoch(0)  # warm-up: compilation, cuDNN autotuning, worker start
     if cuda:
         torch.cuda.synchronize()

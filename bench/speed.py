@@ -24,14 +24,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, CIFAR, kdistill, load_result, machine, save_result, today, update_section  # noqa: E402
+from throughput import plain_steps  # noqa: E402
+from common import (CACHE, CIFAR, distill_trainer, kdistill, load_result, machine, save_result,  # noqa: E402
+                    today, update_section)
 
 TRAIN_IMAGES = 15000  # > steps x batch: one capped epoch never wraps
 PAIRS = (("resnet56", "resnet20"), ("resnet20", "resnet8"))
@@ -72,28 +72,9 @@ def _args(student: str, steps: int, amp: bool, out: str, *extra: str) -> list[st
             "-o", f"train.amp={str(amp).lower()}", "-o", "train.sync_every=1000", *extra]
 
 
-def trainer(argv: list[str]):
-    """kdistill's Trainer for ``kdistill ARGV`` (no val loader), built once, timed per epoch."""
-    from kdistill.cli import build_parser, distill_config
-    from kdistill.data.datasets import train_dataset
-    from kdistill.data.loader import EpochLoader
-    from kdistill.engine import distill
-    from kdistill.engine.run import prepare
-    from kdistill.engine.trainer import Trainer
-
-    cfg = distill_config(build_parser().parse_args(argv))
-    ctx = prepare(cfg)
-    teacher = distill.build_teacher(ctx, cfg.distill)
-    method, crop = distill.build_method(ctx, cfg.distill, teacher)
-    ds = distill.train_views(ctx, cfg.distill, teacher, crop) or train_dataset(
-        cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
-    loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed)
-    return Trainer(cfg, method.to(ctx.device), loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)
-
-
 class KdistillArm:
     def __init__(self, argv: list[str]) -> None:
-        self.trainer, self.epoch = trainer(argv), 0
+        self.trainer, self.epoch = distill_trainer(argv), 0
 
     def __call__(self) -> float:
         stats = self.trainer.train_epoch(self.epoch)
@@ -105,7 +86,7 @@ class PlainArm:
     """A hand-written loop: same data, augmentation (pad-and-crop + flip), SGD and batch."""
 
     def __init__(self, student: str, teacher: Path | None, steps: int, amp: bool) -> None:
-        from throughput import _Plain
+        from throughput import _Plain  # the plain loop's dataset
 
         from kdistill.cli import build_parser, distill_config
         from kdistill.engine.run import prepare
@@ -122,29 +103,11 @@ class PlainArm:
         self.teacher = None if teacher is None else load_model(str(teacher))[0].eval().to(
             memory_format=torch.channels_last)
         self.opt = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        pp = ctx.preprocessing
-        self.m, self.s = torch.tensor(pp.mean).view(1, 3, 1, 1), torch.tensor(pp.std).view(1, 3, 1, 1)
+        self.mean, self.std = ctx.preprocessing.mean, ctx.preprocessing.std
 
     def __call__(self) -> float:
-        seen, start, T = 0, time.perf_counter(), 4.0
-        for i, (x, y) in enumerate(self.loader):
-            if i >= self.steps:
-                break
-            x = ((x.float() / 255 - self.m) / self.s).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.amp):
-                logits = self.student(x)
-                loss = F.cross_entropy(logits.float(), y)
-                if self.teacher is not None:
-                    with torch.inference_mode():
-                        t = self.teacher(x).float()
-                    kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.softmax(t.clone() / T, -1),
-                                  reduction="batchmean")
-                    loss = 0.9 * kl * T * T + 0.1 * loss
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            seen += len(y)
-        return seen / (time.perf_counter() - start)
+        return plain_steps(self.loader, self.student, self.opt, self.mean, self.std, self.steps, self.amp,
+                           self.teacher)
 
 
 def measure(pair: tuple[str, str], amp: bool, steps: int, rounds: int) -> dict:

@@ -44,15 +44,22 @@ class _Plain(Dataset):
 
 
 def plain_loop(source, student: torch.nn.Module, mean, std, steps: int, batch: int = 128,
-               workers: int = 2, amp: bool = True, teacher: torch.nn.Module | None = None,
-               temperature: float = 4.0, alpha: float = 0.9) -> float:
-    """Images/s of a hand-written loop (KD with ``teacher``: alpha*KL*T^2 + (1-alpha)*CE)."""
-    student.train()
+               workers: int = 2, amp: bool = True, teacher: torch.nn.Module | None = None) -> float:
+    """Images/s of a hand-written loop, its DataLoader and optimizer made here."""
     loader = DataLoader(_Plain(source), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers)
     opt = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return plain_steps(loader, student, opt, mean, std, steps, amp, teacher)
+
+
+def plain_steps(loader, student: torch.nn.Module, opt, mean, std, steps: int, amp: bool = True,
+                teacher: torch.nn.Module | None = None, temperature: float = 4.0, alpha: float = 0.9) -> float:
+    """Images/s of ``steps`` steps of a competent hand-written loop (channels_last; KD with
+    ``teacher`` in eval mode under ``inference_mode``: alpha*KL*T^2 + (1-alpha)*CE), timed
+    like kdistill's epoch: loader start-up included."""
+    student.train()
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
-    seen, start = 0, time.perf_counter()  # timed like kdistill's epoch: loader start-up included
+    seen, start = 0, time.perf_counter()
     for i, (x, y) in enumerate(loader):
         if i >= steps:
             break
@@ -61,10 +68,10 @@ def plain_loop(source, student: torch.nn.Module, mean, std, steps: int, batch: i
             logits = student(x)
             loss = F.cross_entropy(logits.float(), y)
             if teacher is not None:
-                with torch.no_grad():
+                with torch.inference_mode():
                     t = teacher(x).float()
                 kl = F.kl_div(F.log_softmax(logits.float() / temperature, -1),
-                              F.softmax(t / temperature, -1), reduction="batchmean")
+                              F.softmax(t.clone() / temperature, -1), reduction="batchmean")
                 loss = alpha * kl * temperature**2 + (1 - alpha) * loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,34 +114,10 @@ def _cfg_args(arm: str, steps: int, amp: str, teacher: Path) -> list[str]:
     return args + (["--teacher", str(teacher)] if arm == "kd" else ["-o", "distill.teachers=[]", "--loss", "ce"])
 
 
-def distill_trainer(argv: list[str]):
-    """The Trainer that ``kdistill ARGV`` (a distill command) would run, with no val loader."""
-    from kdistill.cli import build_parser, distill_config
-    from kdistill.data.loader import EpochLoader
-    try:
-        from kdistill.data.datasets import train_dataset
-    except ImportError:  # a baseline checkout from before the data stages were split
-        from kdistill.data.loader import train_dataset
-    from kdistill.engine import distill
-    from kdistill.engine.run import prepare
-    from kdistill.engine.trainer import Trainer
-
-    cfg = distill_config(build_parser().parse_args(argv))
-    ctx = prepare(cfg)
-    if hasattr(distill, "build_teacher"):  # this tree (a baseline checkout may predate it)
-        teacher = distill.build_teacher(ctx, cfg.distill)
-        method, crop = distill.build_method(ctx, cfg.distill, teacher)
-    else:
-        method, crop = distill.build_method(ctx, cfg.distill)
-        teacher = method.teachers
-    ds = distill.train_views(ctx, cfg.distill, teacher, crop) or train_dataset(
-        cfg.data, ctx.splits.train, ctx.splits.native_size, crop)
-    loader = EpochLoader(ds, cfg.train.batch_size, cfg.data.workers, cfg.train.seed)
-    return Trainer(cfg, method, loader, None, ctx.device, ctx.out, ctx.classes, ctx.preprocessing)
-
-
 def kdistill_arm(arm: str, steps: int, amp: str, teacher: Path) -> float:
     """Images/s of one capped epoch of kdistill's Trainer: ``student`` (CE) or ``kd``."""
+    from common import distill_trainer
+
     return kdistill_loop(lambda: distill_trainer(_cfg_args(arm, steps, amp, teacher)))
 
 

@@ -161,7 +161,7 @@ def agreement_hook(ctx: RunContext, teacher: TeacherSource | None, sd: DistillSe
     """Student-teacher agreement on val, for a teacher that runs on images (``size``) and gives
     one view over all classes, and is not the student itself."""
     if (not sd.agreement or ctx.splits.val is None or teacher is None or teacher.size is None
-            or isinstance(teacher, EmaTeacher) or getattr(teacher, "per_teacher", False)):
+            or isinstance(teacher, EmaTeacher) or teacher.per_teacher):
         return None
     return Agreement(teacher.logits, len(ctx.splits.val), len(ctx.classes), ctx.device)
 
@@ -207,7 +207,7 @@ def train_views(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | No
     if sd.view == "fixed":
         if teacher is None or teacher.preprocessing is None:
             raise UserError("view fixed stores the outputs of a teacher that runs on images; give --teacher")
-        if getattr(teacher, "per_teacher", False):
+        if teacher.per_teacher:
             raise UserError("view fixed stores one distribution per image; teachers over class "
                             "subsets need -o distill.merge=concat")
         base = train_dataset(dc, ctx.splits.train, ctx.splits.native_size, ctx.preprocessing.image_size)

@@ -134,6 +134,7 @@ class TeacherSource(nn.Module):
     preprocessing: Preprocessing | None = None  # the crop it wants for stored images (None: any)
     always = True  # teaches on every batch (else :meth:`active` can be False)
     capture: FeatureCapture | None = None  # hooks whose features / embedding go in its views
+    per_teacher = False  # True when its views are per teacher, over class subsets
 
     def views(self, batch: dict) -> list[TeacherView]:
         """The teacher's views of ``batch`` (``batch["image"]``: uint8 or [0, 1] float on
