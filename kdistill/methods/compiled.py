@@ -14,8 +14,9 @@ A frozen teacher never trains, so it need not run as a training graph. Runtimes:
   autocasts to bf16 (a CPU with native bf16: oneDNN's bf16 kernels beat ONNX Runtime's
   fp32), else ``onnx`` when ONNX Runtime is installed, else ``eager``. From
   ``bench/speed.py`` (BENCHMARKS.md, "Online KD"): resnet56 -> resnet20 on a 2-core
-  AVX512-BF16 CPU, online KD ran at 1.46x eager's speed with ``onnx`` in fp32, and at
-  0.85x eager's with ``onnx`` beside a bf16 student.
+  AVX512-BF16 CPU (medians of 3 rounds), online KD ran at 1.29x eager's speed with
+  ``onnx`` in fp32 (330 vs 255 img/s), and at 0.86x eager's with ``onnx`` beside a bf16
+  student (428 vs 497 img/s).
 
 Every compiled teacher is checked against eager at start on one batch of real images (max
 |Δprob| <= 1e-4 and top-1 agreement 1.0, in fp32); when the export fails or the check does,
