@@ -300,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .deploy.cli import add_deploy_parsers
 
     add_deploy_parsers(sub)
+    from .report.cli import add_report_parser
+
+    add_report_parser(sub)
 
     c = sub.add_parser("cache", help="store a teacher's soft labels for N augmented views of the data")
     c.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT", help="repeatable: ensemble")

@@ -20,14 +20,16 @@ from .models.profile import profile
 from .utils import atomic_write_text, ensure_writable_dir, write_json
 
 # (model, epochs, training images) per role, sized for under 4 minutes in all on 2 CPU cores
-# without native bf16 (fp32; bench/demo_time.py). The teacher sees more images than the
-# students, as a real teacher would. At 6 x 5,000 images KD at T = 2 beat the baseline
-# student on each of 3 seeds, by +0.57 points on average (T = 4: +0.15, one seed below;
-# BENCHMARKS.md "The first run"; T was picked on those same val images, so that edge is not
-# evidence for T = 2 in general). Validation runs once, after the last epoch, on 5,000 val
-# images.
+# without native bf16 (fp32; bench/demo_time.py); the report of the three arms adds a few
+# tens of seconds (5,000 val images evaluated per arm, brief latency timing), under 4.5
+# minutes in all. The teacher sees more images than the students, as a real teacher would.
+# At 6 x 5,000 images KD at T = 2 beat the baseline student on each of 3 seeds, by +0.57
+# points on average (T = 4: +0.15, one seed below; BENCHMARKS.md "The first run"; T was
+# picked on those same val images, so that edge is not evidence for T = 2 in general).
+# Validation runs once, after the last epoch, on 5,000 val images.
 FULL = {"val_images": 5000, "teacher": ("resnet20", 3, 10000), "student": ("resnet8", 6, 5000)}
 QUICK = {"val_images": 600, "teacher": ("resnet14", 1, 1200), "student": ("resnet8", 1, 1200)}
+REPORT_BENCH_SECONDS = 0.2  # per latency cell of the report: 4 cells x 3 models
 KD = ["distill.losses=[kd:0.9, ce:0.1]", "distill.loss_params={kd: {temperature: 2.0}}"]
 
 
@@ -116,4 +118,16 @@ def run_demo(out: str = "runs/demo", data: str = "fashion-mnist", quick: bool = 
     print(text)
     atomic_write_text(out_dir / "demo.md", text + "\n")
     write_json(out_dir / "demo.json", rows)
+    print(f"report: {write_report(out_dir, data, 0.05 if quick else REPORT_BENCH_SECONDS)}")
     return rows
+
+
+def write_report(out: Path, data: str, bench_seconds: float = REPORT_BENCH_SECONDS) -> Path:
+    """``kdistill report`` of the three arms on the val split, beside them; latency is
+    timed briefly (``bench_seconds`` per cell) to keep the demo within its few minutes."""
+    from .report.build import build_report
+
+    log("[report] evaluating teacher, student and kd-student on the val split")
+    runs = [str(out / name) for name in ("teacher", "student", "kd-student")]
+    return Path(build_report(runs, data, out / "report.html", "val", teacher=runs[0], workers=0,
+                             bench_seconds=bench_seconds)["out"])

@@ -83,6 +83,18 @@ def trained_run(tiny_root, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def distilled_run(tiny_root, trained_run, tmp_path_factory) -> Path:
+    """A 1-epoch resnet8 distilled (KD) from ``trained_run`` (shared by the report tests)."""
+    from kdistill.cli import main
+
+    out = tmp_path_factory.mktemp("runs") / "kd"
+    assert main(["distill", "--data", str(tiny_root), "--model", "resnet8", "--teacher", str(trained_run),
+                 "--loss", "kd:0.9", "--loss", "ce:0.1", "--epochs", "1", "--batch-size", "16",
+                 "--out", str(out), "--workers", "0", "--no-progress", "--lr", "0.05"]) == 0
+    return out
+
+
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m kdistill ARGS`` in a subprocess (for exit codes and stderr)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

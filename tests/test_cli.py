@@ -85,6 +85,8 @@ def test_demo_quick_has_teacher_student_and_kd_arms(tmp_path):
     assert [r["arm"] for r in rows] == ["teacher", "student", "kd-student"]
     assert all(r["params"] > 0 and r["mflops"] > 0 and r["latency_ms"] > 0 for r in rows)
     assert "top-1 vs student" in proc.stdout
+    assert proc.stdout.strip().endswith(f"report: {tmp_path / 'demo' / 'report.html'}")
+    assert "kd-student" in (tmp_path / "demo" / "report.html").read_text()
     again = run_cli("demo", "--quick", "--data", str(root), "--out", str(tmp_path / "demo"), "--no-progress")
     assert again.returncode == 0 and again.stderr.count("reusing finished run") == 3, again.stderr
     # the full demo in the same folder: arms of another size are not silently reused

@@ -17,13 +17,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
 from torch import nn
 
 from ..data.transforms import Preprocessing
-from ..models.profile import callable_latency_ms, count_flops, latency_ms, machine
+from ..models.profile import count_flops, latency_table, machine
 from ..utils import atomic_write_text, count_params, file_sha256, write_json
 from ..models.onnx import Normalized
 from .runtime import OnnxPredictor, Predictor
@@ -39,14 +37,16 @@ def card_paths(out: str | Path) -> tuple[Path, Path]:
     return Path(f"{out}.card.md"), Path(f"{out}.card.json")
 
 
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
+    """A run's JSON file (summary.json), or None when missing or unreadable."""
     try:
         return json.loads(path.read_text()) if path.is_file() else None
     except (OSError, ValueError):
         return None
 
 
-def _read_config(path: Path) -> dict | None:
+def read_config(path: Path) -> dict | None:
+    """A run's config.yaml as a dict, or None when missing or unreadable."""
     try:
         return yaml.safe_load(path.read_text()) if path.is_file() else None
     except (OSError, yaml.YAMLError):
@@ -56,28 +56,12 @@ def _read_config(path: Path) -> dict | None:
 def measure_latency(model: nn.Module, exported: Predictor, image_size: int,
                     seconds: float = 0.5) -> dict[str, dict[str, float]]:
     """ms per image at each of :data:`LATENCY_BATCHES` for torch eager and the export, both
-    on :data:`LATENCY_THREADS` thread: a like-for-like figure that stays meaningful on a
-    busy machine (multi-threaded torch on shared cores slows down by orders of magnitude,
-    its threads waiting at barriers for descheduled peers)."""
-    pp = exported.pp
-    eager = Normalized(model, pp).eval()
+    on :data:`LATENCY_THREADS` thread (see :func:`~kdistill.models.profile.latency_table`)."""
+    eager = Normalized(model, exported.pp).eval()
     if isinstance(exported, OnnxPredictor):
         exported = OnnxPredictor(exported.path, threads=LATENCY_THREADS)
-
-    def make(batch: int) -> np.ndarray:
-        return np.random.default_rng(0).random((batch, 3, image_size, image_size), dtype=np.float32)
-
-    out: dict[str, dict[str, float]] = {"torch_eager": {}, exported.backend: {}}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(LATENCY_THREADS)
-    try:
-        for b in LATENCY_BATCHES:
-            out["torch_eager"][str(b)] = round(latency_ms(eager, image_size, b, min_seconds=seconds), 4)
-            out[exported.backend][str(b)] = round(
-                callable_latency_ms(exported.logits, make, b, min_seconds=seconds), 4)
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return latency_table(eager, image_size, {exported.backend: exported.logits}, LATENCY_BATCHES,
+                         seconds, LATENCY_THREADS)
 
 
 def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Path, parity: Any,
@@ -85,8 +69,8 @@ def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Pa
     """The card's content for ``exported`` (written from ``model``, loaded from ``checkpoint``)."""
     pp = Preprocessing.from_dict(meta["preprocessing"])
     run_dir = checkpoint.parent
-    summary = _read_json(run_dir / "summary.json")
-    config = _read_config(run_dir / "config.yaml")
+    summary = read_json(run_dir / "summary.json")
+    config = read_config(run_dir / "config.yaml")
     from ..models.checkpoint import read_meta
 
     ckpt_meta = read_meta(checkpoint)

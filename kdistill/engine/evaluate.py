@@ -78,6 +78,21 @@ class Accumulator:
                           confusion=cm.long().tolist())
 
 
+def result_from_probs(probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> EvalResult:
+    """The :class:`EvalResult` of stored per-image probabilities: the same counts, hence the
+    same numbers, as the evaluation pass that produced them (``kdistill report``'s cache)."""
+    acc = Accumulator(num_classes, probs.device)
+    if len(target):
+        acc.update(probs, target)
+    return acc.compute()
+
+
+def kl_per_image(p_teacher: torch.Tensor, p_student: torch.Tensor) -> torch.Tensor:
+    """``KL(p_teacher || p_student)`` per image (nats), probabilities floored at 1e-12."""
+    p_t = p_teacher.float()
+    return (p_t * (p_t.clamp_min(1e-12).log() - p_student.float().clamp_min(1e-12).log())).sum(-1)
+
+
 class EvalHook(Protocol):
     """Extra statistics gathered during an evaluation pass (see :class:`Agreement`)."""
 
@@ -117,7 +132,7 @@ class Agreement:
             self.cache[idx[todo]] = self.teacher(x).float().softmax(-1)
             self.known[idx[todo]] = True
         p_t = self.cache[idx]
-        kl = (p_t * (p_t.clamp_min(1e-12).log() - probs.float().clamp_min(1e-12).log())).sum(-1)
+        kl = kl_per_image(p_t, probs)
         self.agree.update((p_t.argmax(-1) == probs.argmax(-1)).sum().float())
         self.kl.update(kl.sum())
         self.count.update(torch.tensor(float(len(idx)), device=self.device))
@@ -191,6 +206,18 @@ def write_report(result: EvalResult, classes: list[str], out_dir: str | Path,
 
 
 def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = confusion_figure(cm, classes, title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def confusion_figure(cm: list[list[int]], classes: list[str], title: str, max_size: float = 30,
+                     per_class: float = 0.45, fontsize: float = 7):
+    """A matplotlib figure of the row-normalised confusion matrix (counts written in the
+    cells up to 20 classes, in ``fontsize`` points; class names up to 40). Its side is
+    ``4 + per_class`` inches per class, at most ``max_size``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,7 +226,7 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: s
     k = len(classes)
     t = torch.tensor(cm, dtype=torch.float64)
     norm = t / t.sum(1, keepdim=True).clamp_min(1)
-    size = min(4 + 0.45 * k, 30)
+    size = min(4 + per_class * k, max_size)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
     if k <= 40:
@@ -208,11 +235,10 @@ def plot_confusion(cm: list[list[int]], classes: list[str], path: Path, title: s
         if k <= 20:
             for i in range(k):
                 for j in range(k):
-                    ax.text(j, i, int(t[i, j]), ha="center", va="center", fontsize=7,
+                    ax.text(j, i, int(t[i, j]), ha="center", va="center", fontsize=fontsize,
                             color="white" if norm[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

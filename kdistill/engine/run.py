@@ -165,6 +165,30 @@ def train(cfg: Config) -> dict:
         dist.cleanup()
 
 
+def eval_dir(run_or_ckpt: str, checkpoint: Path, split: str, tta: bool = False) -> Path:
+    """Where ``kdistill eval`` reports by default (and ``kdistill report`` caches): a run
+    folder's ``eval-<split>[-tta]/``, or ``eval-<split>[-tta]-<stem>/`` beside a checkpoint file."""
+    name = f"eval-{split}{'-tta' if tta else ''}"
+    return checkpoint.parent / name if Path(run_or_ckpt).is_dir() else checkpoint.parent / f"{name}-{checkpoint.stem}"
+
+
+def evaluate_model(model: nn.Module, meta: dict, source, device: torch.device, tta: bool = EvalConfig.tta,
+                   batch_size: int = EvalConfig.batch_size, workers: int = DataConfig.workers,
+                   on_batch: Callable[[dict, torch.Tensor], None] | None = None, what: str = ""):
+    """``kdistill eval``'s pass of a loaded checkpoint (``model``, ``meta``) over ``source``:
+    its own preprocessing, fp32, ``batch_size`` images per forward. A split without one
+    readable image (``what`` names it) is a :class:`UserError`."""
+    from .evaluate import evaluate
+
+    pp = meta_preprocessing(meta)
+    loader = eval_loader(eval_dataset(source, pp), batch_size, workers, device.type == "cuda")
+    result = evaluate(model, Preprocess(pp).to(device), loader, meta["num_classes"], device, tta=tta,
+                      on_batch=on_batch)
+    if result.n == 0:
+        raise UserError(f"no readable image in {what or source.name}")
+    return result
+
+
 def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
                  tta: bool = EvalConfig.tta, batch_size: int = EvalConfig.batch_size,
                  workers: int = DataConfig.workers, device: str = TrainConfig.device,
@@ -174,21 +198,17 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
     ``teachers``, also student-teacher agreement and mean KL to the (ensemble) teacher."""
     from ..data.sources import open_source
     from ..models.checkpoint import load_model
-    from .evaluate import evaluate, write_report
+    from .evaluate import write_report
 
     dev = resolve_device(device)
     path = resolve_checkpoint(run_or_ckpt)
-    name = f"eval-{split}{'-tta' if tta else ''}"
-    report_dir = Path(out) if out else (path.parent / name if Path(run_or_ckpt).is_dir()
-                                        else path.parent / f"{name}-{path.stem}")
+    report_dir = Path(out) if out else eval_dir(run_or_ckpt, path, split, tta)
     if out:
         ensure_writable_dir(report_dir, "--report")
     else:
         ensure_writable_dir(report_dir, "the report folder", "pass --report DIR, a folder you can write to")
     model, meta = load_model(str(path), dev)
     source = open_source(root, split, classes=meta["classes"])
-    pp = meta_preprocessing(meta)
-    loader = eval_loader(eval_dataset(source, pp), batch_size, workers, dev.type == "cuda")
     hook = None
     if teachers:
         from ..data.datasets import first_images
@@ -201,12 +221,10 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
         compile_teachers(teacher, teacher_runtime, dev,
                          lambda: first_images(eval_dataset(source, teacher.preprocessing)))
         hook = Agreement(teacher.logits, len(source), meta["num_classes"], dev)
-    result = evaluate(model, Preprocess(pp).to(dev), loader, meta["num_classes"], dev, tta=tta,
-                      on_batch=hook.update if hook else None)
+    result = evaluate_model(model, meta, source, dev, tta, batch_size, workers,
+                            hook.update if hook else None, f"the '{split}' split of '{root}'")
     if hook:
         result.extra.update(hook.compute())
-    if result.n == 0:
-        raise UserError(f"no readable image in the '{split}' split of '{root}'")
     summary = {**result.summary(), "split": split, "tta": tta, "checkpoint": str(path),
                "data": root}
     write_report(result, meta["classes"], report_dir, summary)

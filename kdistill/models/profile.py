@@ -10,6 +10,7 @@ import platform
 import time
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -70,6 +71,32 @@ def callable_latency_ms(forward: Callable[[Any], Any], make_input: Callable[[int
     (for runtimes other than torch eager, e.g. onnxruntime or TorchScript)."""
     x = make_input(batch)
     return 1000 * median_seconds(lambda: forward(x), warmup, min_seconds, max_iters) / batch
+
+
+def latency_table(eager: nn.Module, image_size: int,
+                  others: dict[str, Callable[[np.ndarray], Any]] | None = None,
+                  batches: tuple[int, ...] = (1, 32), seconds: float = 0.5,
+                  threads: int = 1) -> dict[str, dict[str, float]]:
+    """ms per image of ``eager`` (a torch module on [0, 1] NCHW tensors) and of each forward
+    in ``others`` (on float32 [0, 1] NCHW numpy batches, e.g. an onnxruntime session), at
+    each batch size, keyed ``{"torch_eager" | name: {str(batch): ms}}``. torch runs on
+    ``threads`` threads meanwhile (give other runtimes the same): a like-for-like figure that
+    stays meaningful on a busy machine, where multi-threaded torch on shared cores slows down
+    by orders of magnitude (its threads wait at barriers for descheduled peers)."""
+    def make(batch: int) -> np.ndarray:
+        return np.random.default_rng(0).random((batch, 3, image_size, image_size), dtype=np.float32)
+
+    out: dict[str, dict[str, float]] = {"torch_eager": {}, **{name: {} for name in others or {}}}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for b in batches:
+            out["torch_eager"][str(b)] = round(latency_ms(eager, image_size, b, min_seconds=seconds), 4)
+            for name, forward in (others or {}).items():
+                out[name][str(b)] = round(callable_latency_ms(forward, make, b, min_seconds=seconds), 4)
+    finally:
+        torch.set_num_threads(before)
+    return out
 
 
 def profile(model: nn.Module, image_size: int) -> dict:

@@ -1,0 +1,134 @@
+"""``kdistill report``: from run folders or checkpoints to one self-contained HTML page.
+
+Order: read every run's files and check them (cheap; bad input stops here), open the data,
+then per run evaluate (or read the cached probabilities), measure cost, and finally render
+and write the page atomically, so a failure never leaves a half-written report.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import DataConfig, EvalConfig, TrainConfig
+from ..console import log
+from ..errors import UserError
+from ..models.checkpoint import load_model
+from ..models.profile import machine
+from ..utils import atomic_write_text, ensure_writable_file_parent, resolve_device
+from . import gather, measure
+
+
+@dataclass
+class RunReport:
+    """Everything the page shows about one run."""
+
+    run: gather.Run
+    scores: measure.Scores
+    cost: dict
+    calibration: dict
+    log: list[dict] | None
+    provenance: dict
+    vs_teacher: dict = field(default_factory=dict)  # agreement, kl_to_teacher
+    disagree: list[int] = field(default_factory=list)
+
+    def row(self) -> dict:
+        """The comparison table's row (fractions, ms, bytes, seconds; None: not available)."""
+        r, lat = self.scores.result, self.cost["latency"]
+        return {"name": self.run.name, "role": self.run.role, "arch": self.run.meta["arch"],
+                "top1": r.top1, "top5": r.top5, "mpa": r.mpa, "n": r.n,
+                "params": self.cost["params"], "mflops": self.cost["mflops"],
+                "eager_ms_b1": lat["torch_eager"].get("1"), "eager_ms_b32": lat["torch_eager"].get("32"),
+                "ort_ms_b1": lat.get("onnxruntime", {}).get("1"), "ort_ms_b32": lat.get("onnxruntime", {}).get("32"),
+                "checkpoint_bytes": self.provenance["bytes"], "agreement": self.vs_teacher.get("agreement"),
+                "kl_to_teacher": self.vs_teacher.get("kl_to_teacher"), "ece": self.calibration["ece"],
+                "train_seconds": gather.training_seconds(self.log), "precision": self.run.meta.get("precision"),
+                "cached": self.scores.cached}
+
+
+def readable(path: Path) -> None:
+    """Give a file the permissions the umask allows (atomic writes create it private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def open_runs(specs: list[str], teacher: str | None) -> tuple[list[gather.Run], gather.Run | None, list[str]]:
+    """The report's runs (teacher first when it was not among them), named and checked to
+    share one class set."""
+    runs: list[gather.Run] = []
+    for spec in specs:
+        r = gather.open_run(spec)
+        if all(r.checkpoint.resolve() != o.checkpoint.resolve() for o in runs):
+            runs.append(r)
+    t, notes = gather.choose_teacher(runs, teacher)
+    if t is not None and t not in runs:
+        runs.insert(0, t)
+    gather.name_runs(runs)
+    gather.check_classes(runs)
+    return runs, t, notes
+
+
+def measure_run(run: gather.Run, teacher: gather.Run | None, source, fingerprint: str, labels: torch.Tensor,
+                device: torch.device, split: str, tta: bool, batch_size: int, workers: int,
+                bench_seconds: float, with_onnx: bool) -> RunReport:
+    model, _ = load_model(str(run.checkpoint), device)
+    scores = measure.score(run, model, source, fingerprint, device, split, tta, batch_size, workers)
+    log(f"[report] {run.name}: top-1 {scores.result.top1:.4f} on {scores.result.n} {split} images"
+        f"{' (cached probabilities)' if scores.cached else ''}; measuring latency")
+    cost = measure.cost(run, model, bench_seconds, with_onnx)
+    train_log = gather.training_log(run)
+    if train_log is None:
+        run.notes.append("no training log (metrics.jsonl) beside the checkpoint: no training curves or time")
+    return RunReport(run, scores, cost, measure.calibration(scores, labels), train_log,
+                     gather.provenance(run, teacher))
+
+
+def build_report(specs: list[str], data: str, out: str | Path, split: str = EvalConfig.split,
+                 tta: bool = EvalConfig.tta, teacher: str | None = None, device: str = TrainConfig.device,
+                 batch_size: int = EvalConfig.batch_size, workers: int = DataConfig.workers,
+                 bench_seconds: float = 0.5) -> dict:
+    """Write the report of ``specs`` (run folders or checkpoints) on ``split`` of ``data``
+    to ``out``; returns ``{"out": path, "rows": comparison table rows}``."""
+    from ..data.softlabels import fingerprint as data_fingerprint
+    from ..data.sources import open_source
+    from .page import render
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out '{out}' is a folder; give a file name, e.g. {out / 'report.html'}")
+    ensure_writable_file_parent(out, "--out")
+    if not specs:
+        raise UserError("report needs at least one RUN_OR_CKPT")
+    if bench_seconds <= 0:
+        raise UserError("--bench-seconds must be > 0")
+    runs, teacher_run, notes = open_runs(specs, teacher)
+    dev = resolve_device(device)
+    source = open_source(data, split, classes=runs[0].meta["classes"])
+    fp = data_fingerprint(source)
+    labels = torch.as_tensor(source.labels, dtype=torch.long)
+    missing = measure.onnxruntime_missing()
+    if missing:
+        notes.append(missing)
+    reports = [measure_run(r, teacher_run, source, fp, labels, dev, split, tta, batch_size, workers,
+                           bench_seconds, missing is None) for r in runs]
+    t_rep = next((rep for rep in reports if rep.run is teacher_run), None)
+    for rep in reports:
+        if t_rep is not None and rep is not t_rep:
+            rep.vs_teacher = measure.compare(rep.scores, t_rep.scores)
+            rep.disagree = measure.disagreements(rep.scores, t_rep.scores)
+    context = {
+        "title": f"kdistill report: {', '.join(r.name for r in runs)}", "split": split, "tta": tta,
+        "data": data, "n_images": len(source), "fingerprint": fp, "classes": list(source.classes),
+        "teacher": t_rep, "notes": notes, "version": __version__, "machine": machine(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "bench_seconds": bench_seconds,
+        "threads": reports[0].cost["threads"], "ort": missing is None,
+    }
+    html = render(reports, source, context)
+    atomic_write_text(out, html)
+    readable(out)
+    return {"out": str(out), "rows": [rep.row() for rep in reports]}
