@@ -75,6 +75,8 @@ def test_report_numbers_equal_eval_json_and_come_from_the_cache_again(tiny_root,
     # self-contained: nothing but data: URIs and in-page anchors, no script, no stylesheet link
     assert all(u.startswith(("data:", "#")) for u in re.findall(r'\b(?:src|href)="([^"]*)"', html))
     assert "<script" not in html and "<link" not in html and html.count("<svg") >= 7
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), "ids must be unique across the page's figures"
     assert len(list((distilled_run / "eval-val").glob("probs-*.pt"))) == 1
     # again: probabilities from the cache, the same numbers
     code, _, err = cli(capsys, "report", trained_run, distilled_run, "--data", tiny_root, "--out", out, *FAST)
@@ -248,3 +250,27 @@ def test_the_cache_is_keyed_by_checkpoint_data_and_tta(tmp_path):
     names = {cache_file(a, "val", False, "f" * 64), cache_file(a, "val", True, "f" * 64),
              cache_file(b, "val", False, "f" * 64), cache_file(a, "val", False, "e" * 64)}
     assert len(names) == 4 and all(p.parent == tmp_path / "r" / "eval-val" for p in names)
+
+
+def test_charts_with_many_classes_stay_readable():
+    from kdistill.report import charts
+
+    k = 100
+    classes = [f"class{i}" for i in range(k)]
+    gen = torch.Generator().manual_seed(0)
+    cm = (torch.eye(k) * 20 + torch.randint(0, 3, (k, k), generator=gen)).long().tolist()
+    svg = charts.confusion(cm, classes, "many")
+    assert svg.startswith("<svg") and f"{charts.MAX_CONFUSION} most-confused of {k} classes" in svg
+    acc = torch.rand(k, generator=gen).tolist()
+    bars = charts.per_class(classes, acc, "s", [min(1.0, a + 0.1) for a in acc], "t")
+    assert f"the {charts.MAX_BARS} largest gaps of {k}" in bars
+    # ids are unique across the figures of one page
+    ids = re.findall(r'id="([^"]+)"', svg + bars)
+    assert len(ids) == len(set(ids))
+
+
+def test_recorded_teachers_skip_sources_that_are_not_models(tmp_path):
+    run = _run(tmp_path, "r", {"teachers": [{"teacher": "self-ema", "start_epoch": 3},
+                                            {"teacher": "runs/t", "soft_labels": "cache/"},
+                                            {"teacher": "cache", "soft_labels": "c/"}]})
+    assert run.recorded_teachers == ["runs/t"]

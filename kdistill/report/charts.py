@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
+import re
 
 import matplotlib
 
@@ -32,14 +33,19 @@ def teacher_label(name: str) -> str:
 
 
 def to_svg(fig) -> str:
-    """``fig`` as an ``<svg>`` element for inline use; the figure is closed. Each figure gets
-    its own id prefix, so ids (clip paths, markers) never collide within one page."""
+    """``fig`` as an ``<svg>`` element for inline use; the figure is closed. Every id (and
+    each reference to one) gets a prefix of its own, so that figures on one page never share
+    an id (matplotlib numbers its groups figure_1, axes_1, ... in each file)."""
     buf = io.StringIO()
-    with matplotlib.rc_context({"svg.hashsalt": f"kd{next(_ids)}", "svg.fonttype": "none"}):
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
         fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.index("<svg"):]
+    text = text[text.index("<svg"):]
+    prefix = f"kd{next(_ids)}-"
+    text = re.sub(r'\bid="([^"]+)"', rf'id="{prefix}\1"', text)
+    text = re.sub(r"url\(#([^)]+)\)", rf"url(#{prefix}\1)", text)
+    return re.sub(r'href="#([^"]+)"', rf'href="#{prefix}\1"', text)
 
 
 def accuracy_vs_latency(points: list[dict]) -> str | None:

@@ -17,6 +17,9 @@ from ..utils import file_sha256
 
 #: ``metrics.jsonl`` keys under ``train.`` that are bookkeeping, not loss terms
 NOT_LOSSES = {"train.images_per_s", "train.seconds", "train.skipped"}
+#: what a checkpoint records as its teacher when no model file taught it: an EMA of the student
+#: itself, a soft-label cache without a named teacher
+SOURCE_KINDS = {"self-ema", "cache"}
 
 
 @dataclass
@@ -45,7 +48,7 @@ class Run:
         """The frozen teachers the checkpoint says it was distilled from (run folders,
         checkpoints or model names; not an EMA self-teacher or a soft-label cache)."""
         specs = [t.get("teacher") for t in self.meta.get("teachers") or [] if isinstance(t, dict)]
-        return [s for s in specs if s and "soft_labels" not in str(s) and s not in ("ema", "cache")]
+        return [s for s in specs if isinstance(s, str) and (s not in SOURCE_KINDS or Path(s).exists())]
 
 
 def open_run(spec: str) -> Run:
