@@ -167,3 +167,45 @@ def memoize_splits() -> None:
         return memo[key]
 
     run_mod.open_splits = cached
+
+
+def run_stages(bench, args, publish, script: str) -> None:
+    """The stage runner of a resumable multi-run benchmark (bench/ssld.py, bench/patience.py):
+    ``--list`` prints each stage's state, ``--only`` picks stages by fnmatch patterns,
+    ``--report`` only publishes; otherwise the stages run in order under a lock on the
+    cache, a failed one does not stop the rest, and ``publish(bench, names, no_write)``
+    rewrites the outputs after every stage. ``bench`` has ``work``, ``stages()``,
+    ``progress(name)`` and ``run(name)``."""
+    import fcntl
+    import fnmatch
+
+    names = bench.stages()
+    if args.list:
+        width = max(len(n) for n in names) + 2
+        for n in names:
+            print(f"{n:{width}s} {bench.progress(n)}")
+        return
+    chosen = names
+    if args.only:
+        pats = args.only.split(",")
+        chosen = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats)]
+        if not chosen:
+            raise SystemExit(f"no stage matches {args.only}; stages: {', '.join(names)}")
+    failed = []
+    if not args.report:
+        lock = open(bench.work / "lock", "w")  # noqa: SIM115 - held until the process ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"another {script} is training in {bench.work}; wait for it or use --report")
+        for n in chosen:
+            print(f"== {today()} stage {n}: {bench.progress(n)}", flush=True)
+            try:
+                bench.run(n)
+            except SystemExit as e:  # a failed stage does not stop the others; rerun to retry it
+                print(f"== stage {n} FAILED: {e}", flush=True)
+                failed.append(n)
+            publish(bench, names, args.no_write)
+    publish(bench, names, args.no_write)
+    if failed:
+        raise SystemExit(f"failed stages: {', '.join(failed)}")

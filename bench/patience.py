@@ -50,7 +50,6 @@ after every stage; runs not finished show as pending.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import shlex
 import subprocess
@@ -59,7 +58,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (CIFAR, LONG_CACHE, RESULTS, ROOT, ensure_run, machine, run_progress, run_record,  # noqa: E402
-                    save_result, today, update_section)
+                    run_stages, save_result, today, update_section)
 
 RECIPE = "cifar/funmatch_resnet56_resnet20"
 MODES = ("funmatch", "fixed", "consistent")  # the order runs start in, at each schedule length
@@ -348,38 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    bench = Bench(args)
-    names = bench.stages()
-    if args.list:
-        for n in names:
-            print(f"{n:18s} {bench.progress(n)}")
-        return
-    chosen = names
-    if args.only:
-        pats = args.only.split(",")
-        chosen = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats)]
-        if not chosen:
-            raise SystemExit(f"no stage matches {args.only}; stages: {', '.join(names)}")
-    failed = []
-    if not args.report:
-        import fcntl
-
-        lock = open(bench.work / "lock", "w")  # noqa: SIM115 - held until the process ends
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another bench/patience.py is training in {bench.work}; wait for it or use --report")
-        for n in chosen:
-            print(f"== {today()} stage {n}: {bench.progress(n)}", flush=True)
-            try:
-                bench.run(n)
-            except SystemExit as e:  # a failed stage does not stop the others; rerun to retry it
-                print(f"== stage {n} FAILED: {e}", flush=True)
-                failed.append(n)
-            publish(bench, names, args.no_write)
-    publish(bench, names, args.no_write)
-    if failed:
-        raise SystemExit(f"failed stages: {', '.join(failed)}")
+    run_stages(Bench(args), args, publish, "bench/patience.py")
 
 
 if __name__ == "__main__":

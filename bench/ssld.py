@@ -32,7 +32,6 @@ BENCHMARKS.md (section ssld) after every stage; arms not run yet show as pending
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import random
 import shutil
@@ -41,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CIFAR, LONG_CACHE, ensure_run, fit_steps, kdistill, run_progress, run_record, today  # noqa: E402
+from common import CIFAR, LONG_CACHE, ensure_run, fit_steps, kdistill, run_progress, run_record, run_stages  # noqa: E402
 from ssld_report import KINDS, dedup_result, flag_montage, mining_record, write_outputs  # noqa: E402
 
 KD_T4 = "distill.loss_params={kd: {temperature: 4.0}}"
@@ -317,38 +316,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    bench = Bench(args)
-    names = bench.stages()
-    if args.list:
-        for n in names:
-            print(f"{n:24s} {bench.progress(n)}")
-        return
-    chosen = names
-    if args.only:
-        pats = args.only.split(",")
-        chosen = [n for n in names if any(fnmatch.fnmatch(n, p) for p in pats)]
-        if not chosen:
-            raise SystemExit(f"no stage matches {args.only}; stages: {', '.join(names)}")
-    failed = []
-    if not args.report:
-        import fcntl
-
-        lock = open(bench.work / "lock", "w")  # noqa: SIM115 - held until the process ends
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise SystemExit(f"another bench/ssld.py is training in {bench.work}; wait for it or use --report")
-        for n in chosen:
-            print(f"== {today()} stage {n}: {bench.progress(n)}", flush=True)
-            try:
-                bench.run(n)
-            except SystemExit as e:  # a failed stage does not stop the others; rerun to retry it
-                print(f"== stage {n} FAILED: {e}", flush=True)
-                failed.append(n)
-            publish(bench, names, args.no_write)
-    publish(bench, names, args.no_write)
-    if failed:
-        raise SystemExit(f"failed stages: {', '.join(failed)}")
+    run_stages(Bench(args), args, publish, "bench/ssld.py")
 
 
 def publish(bench: Bench, names: list[str], no_write: bool) -> None:
