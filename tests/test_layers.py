@@ -101,3 +101,12 @@ def test_datasets_does_not_import_loader_nor_loader_sources():
         "data/datasets.py makes items; batches (data/loader.py) are formed above it"
     assert not {n for n in data_imports("loader") if n.startswith("kdistill.data.sources")}, \
         "data/loader.py reaches files only through data/datasets.py"
+
+
+def test_only_the_commands_import_report():
+    """``report/`` sits on top (beside cli.py and demo.py): no layer below imports it."""
+    bad = {f"{path.relative_to(PKG.parent)}: {name}"
+           for layer in (*LAYERS, "models", "losses", "deploy")
+           for path in sorted((PKG / layer).rglob("*.py"))
+           for name in imported_modules(path) if in_layer(name, "report")}
+    assert not bad, "kdistill.report imported from below it:\n" + "\n".join(sorted(bad))
