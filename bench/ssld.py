@@ -135,11 +135,11 @@ class Bench:
         a, k = self.a, self.a.top_k
         seeds = range(a.seeds)
         names = ["teacher", f"mine-k{k}"]
-        names += [f"{arm}-s{s}" for s in seeds for arm in ("baseline", "kd", f"ssld-k{k}")]
-        names += [f"ssld-kl-k{k}-s0", "skl-ugi-s0"]
-        for kk in a.sweep:
+        names += [f"{arm}-s{s}" for s in seeds for arm in ("baseline", "kd", f"ssld-k{k}", f"ssld-kl-k{k}")]
+        names += ["skl-ugi-s0"]
+        for kk in a.sweep:  # with the loss the seeded arms support (KL at T = 4, kdistill ssld's default)
             if kk != k:
-                names += [f"mine-k{kk}", f"ssld-k{kk}-s0"]
+                names += [f"mine-k{kk}", f"ssld-kl-k{kk}-s0"]
         return names
 
     def folder(self, name: str) -> Path:

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(sl, MineConfig, SSLD_MINE_FLAGS, defaults=False)  # --top-k, --min-prob, ...
     sl.add_argument("--dedup-against", action="append", metavar="DIR_OR_LIST",
                     help="evaluation images whose near-copies are removed (default: the data's val/ and test/)")
-    sl.add_argument("--loss", action="append", metavar="NAME[:WEIGHT]", help="distill-stage terms (default js)")
+    sl.add_argument("--loss", action="append", metavar="NAME[:WEIGHT]", help="distill-stage terms (default kd:1.0 at T = 4, ssld.loss_params)")
     sl.add_argument("--unlabeled-fraction", type=float, metavar="F", help="share of mined images per batch")
     sl.add_argument("--finetune-epochs", type=int, help="epochs of the labeled-only fine-tune (0: none)")
     sl.set_defaults(func=cmd_ssld, on_interrupt=RERUN)

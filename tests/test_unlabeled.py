@@ -125,11 +125,13 @@ def test_ssld_command_runs_stages_and_reuses_them(tiny_root, trained_run, tmp_pa
     assert set(summary["stages"]) == {"mine", "distill (labeled + mined)", "fine-tune (labeled)"}
     assert (out / "finetune" / "best.safetensors").is_file() and (out / "best.safetensors").is_file()
     distill_row = json.loads((out / "distill" / "metrics.jsonl").read_text().splitlines()[0])
-    assert distill_row["train.js"] > 0  # label-free term on labeled + mined images
-    # the fine-tune starts from the distilled weights of the last epoch, not the val-selected best,
-    # and the table reports last epochs (never selected on the split it shows)
+    assert distill_row["train.kd"] > 0  # label-free term on labeled + mined images
+    # the default distill-stage loss is KL at T = 4 (bench/ssld.py: JS at T = 1 lost 11 points to it)
     from kdistill.config import load_yaml
 
+    assert load_yaml(out / "distill" / "config.yaml")["distill"]["loss_params"] == {"kd": {"temperature": 4.0}}
+    # the fine-tune starts from the distilled weights of the last epoch, not the val-selected best,
+    # and the table reports last epochs (never selected on the split it shows)
     assert load_yaml(out / "finetune" / "config.yaml")["model"]["checkpoint"].endswith("distill/last.safetensors")
     assert "val top-1 (last epoch)" in table
     assert f"{summary['stages']['fine-tune (labeled)']['final']['top1']:.4f}" in table
@@ -180,3 +182,13 @@ def test_ssld_refuses_a_teacher_over_other_classes(tiny_root, tmp_path):
     proc = run_cli("ssld", "--data", str(tiny_root), "--teacher", str(tmp_path / "none"), "--pool",
                    str(tiny_root / "test"), "--top-k", "2", "--model", "resnet8", "--out", str(tmp_path / "s"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_ssld_stage_loss_params_are_the_recipe_s_overridden_by_distill_loss_params():
+    from kdistill.engine.ssld import SSLDSection, stage_loss_params
+
+    recipe = SSLDSection().loss_params
+    assert stage_loss_params(recipe, {}) == {"kd": {"temperature": 4.0}}
+    assert stage_loss_params(recipe, {"kd": {"temperature": 2.0}}) == {"kd": {"temperature": 2.0}}
+    assert stage_loss_params(recipe, {"js": {"temperature": 1.0}}) == {"kd": {"temperature": 4.0},
+                                                                     "js": {"temperature": 1.0}}
