@@ -11,7 +11,8 @@ has, on this CPU's cores and caches: a simulation, named as such in the results.
 
     .venv/bin/python bench/demo_time.py --seeds 3       # and the KD gain over seeds, T = 2 and 4
 
-Targets (issue 13): under 4 minutes as AVX2/fp32 on 2 cores, and the KD student beats the
+Targets (issues 13 and 18): under 4.5 minutes as AVX2/fp32 on 2 cores, the closing report of
+the three arms included (issue 18), and the KD student beats the
 baseline student in the demo's table. ``--seeds N`` re-runs the two student arms with seeds
 0..N-1 (the demo's own teacher, KD at T = 2 as shipped and at T = 4), to show that the gain
 is not one lucky seed. Results: bench/results/demo_time.json and the "demo"
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, ROOT, machine, save_result, today, update_section  # noqa: E402
 
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-TARGET_S = 240
+TARGET_S = 270  # 4.5 minutes, the report included
 
 
 def probe(env: dict) -> dict:
@@ -53,6 +54,8 @@ def time_demo(name: str, extra_env: dict) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, env=env, cwd=ROOT, check=True)
     seconds = time.perf_counter() - start
+    if not (out / "report.html").is_file():
+        raise SystemExit(f"the demo wrote no report in {out}")
     rows = json.loads((out / "demo.json").read_text())
     top1 = {r["arm"]: r["top1"] for r in rows}
     return {"mode": name, **info, "seconds": round(seconds, 1), "rows": rows,
@@ -102,7 +105,7 @@ def main() -> None:
              "runs once installed), wall-clock. \"As AVX2\" caps PyTorch and oneDNN at AVX2 on this CPU "
              "(a simulation of a CPU without native bf16). Accuracy: val top-1 of each arm's last epoch, "
              "5,000 Fashion-MNIST val images.", "",
-             "| CPU | precision (auto) | wall time | target < 4 min | teacher | student | KD student | KD - student |",
+             "| CPU | precision (auto) | wall time | target < 4.5 min (with the report) | teacher | student | KD student | KD - student |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         t = {row["arm"]: row["top1"] for row in r["rows"]}
