@@ -173,9 +173,11 @@ def pointers(r: dict) -> list[str]:
                    f"({kl['distill_stage']['top1']:.4f} before) vs JS {ref['top1']:.4f} "
                    f"({ref['distill_stage']['top1']:.4f} before).")
     ugi = seeds_of(r, "skl-ugi").get(0)
-    if ref and ugi:
-        out.append(f"Data: all of B without mining (SKL-UGI, no fine-tune) {ugi['top1']:.4f} vs mined top-{k} "
-                   f"(JS + fine-tune) {ref['top1']:.4f}.")
+    if ugi and (ref or kl):
+        out.append(f"Data: all of B without mining (SKL-UGI: symmetric KL at T = 1 + 0.1 ce, no fine-tune) "
+                   f"{ugi['top1']:.4f} vs mined top-{k} + fine-tune: "
+                   + ", ".join(f"{name} {v['top1']:.4f}" for name, v in (("KL at T = 4", kl), ("JS", ref)) if v)
+                   + " (seed 0).")
     sweep = [(kk, seeds_of(r, f"ssld-kl-k{kk}").get(0)) for kk in sorted(r["settings"]["sweep"])]
     if all(v for _, v in sweep):
         out.append("Top-k sweep (seed 0, KL at T = 4 + fine-tune): " + ", ".join(f"k = {kk}: {v['top1']:.4f}" for kk, v in sweep) + ".")
@@ -271,7 +273,7 @@ def write_outputs(r: dict, no_write: bool) -> None:
              "val (SSLD stages evaluate only at their end, so the fine-tune starts from the distill stage's last "
              "weights). Seeds change initialisation and batch order, not the data split.", ""]
     lines += table(r) + [""] + seed_table(r) + [""]
-    lines += verdict(r) + [""]
+    lines += [x for v in verdict(r) for x in (v, "")]
     point = pointers(r)
     if point:
         lines += ["What the other arms point to:", ""] + [f"- {p}" for p in point] + [""]
