@@ -140,7 +140,7 @@ class Bench:
         for kk in a.sweep:  # with the loss the seeded arms support (KL at T = 4, kdistill ssld's default)
             if kk != k:
                 names += [f"mine-k{kk}", f"ssld-kl-k{kk}-s0"]
-        return names
+        return names + ["oracle-s0"]
 
     def folder(self, name: str) -> Path:
         return self.work / name
@@ -163,6 +163,8 @@ class Bench:
             self.mine(int(kind[6:]))
         elif kind in ("baseline", "kd"):
             self.labeled_only(name, kind, int(seed))
+        elif kind == "oracle":
+            self.oracle(name, int(seed))
         elif kind == "skl-ugi":
             self.skl_ugi(name, int(seed))
         elif kind.startswith("ssld-"):
@@ -197,6 +199,19 @@ class Bench:
                     "-o", "distill.losses=[kd:0.9, ce:0.1]", "-o", KD_T4]
         ensure_run("train" if kind == "baseline" else "distill", self.folder(name), epochs,
                    [*args, *self.student, "--seed", str(seed), *cap, *every])
+
+    def oracle(self, name: str, seed: int) -> None:
+        """The baseline recipe with B's hidden labels revealed (all 50,000 of A + B), at the same
+        budget: what this student reaches with every label, a ceiling for any use of B."""
+        listed = self.work / "data" / "AB.txt"
+        if not listed.is_file():
+            classes = [line.split(" ", 1)[1] for line in Path(self.d.class_map).read_text().splitlines()]
+            rows = [f"{p} {classes.index(Path(p).parent.name)}" for p in Path(self.d.pool_b).read_text().split()]
+            listed.write_text(Path(self.d.a_list).read_text() + "\n".join(rows) + "\n")
+        epochs, _, cap = self.plan(len(listed.read_text().splitlines()))
+        ensure_run("train", self.folder(name), epochs,
+                   ["-c", "cifar/resnet20_baseline", *self.common, "--data", str(listed), "--model", "resnet8",
+                    "--seed", str(seed), *cap])
 
     def skl_ugi(self, name: str, seed: int) -> None:
         """PaddleClas SKL-UGI: symmetric KL on labeled + the whole pool B (no mining), ce on labels."""
@@ -283,6 +298,8 @@ class Bench:
         out["labeled"] = f"{e} x {s} x {b}"
         e, s, _ = self.plan(self.d.n_labeled + self.d.n_b)
         out["skl-ugi"] = f"{e} x {s} x {b}"
+        e, s, _ = self.plan(len(Path(self.d.a_list).read_text().splitlines()) + self.d.n_b)
+        out["oracle"] = f"{e} x {s} x {b}"
         for k in sorted({self.a.top_k, *self.a.sweep}):
             p = self.ssld_plan(k)
             if p:
