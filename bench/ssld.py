@@ -202,7 +202,7 @@ class Bench:
 
     def oracle(self, name: str, seed: int) -> None:
         """The baseline recipe with B's hidden labels revealed (all 50,000 of A + B), at the same
-        budget: what this student reaches with every label, a ceiling for any use of B."""
+        budget: what labels alone give this student, beside what the teacher's soft labels give."""
         listed = self.work / "data" / "AB.txt"
         if not listed.is_file():
             classes = [line.split(" ", 1)[1] for line in Path(self.d.class_map).read_text().splitlines()]

@@ -97,7 +97,7 @@ def arm_rows(r: dict) -> list[tuple[str, str, str, str, int | None]]:
              ("SKL-UGI: labeled + all of B, no mining (skl + 0.1 ce)", "skl-ugi", "", "skl-ugi", None)]
     rows += [(f"top-k sweep: SSLD (KL at T = 4 + fine-tune), k = {kk}, seed 0", f"ssld-kl-k{kk}", "", f"k{kk}", 0)
              for kk in sorted(r["settings"]["sweep"])]
-    rows += [("ceiling: the baseline with B's labels revealed (all 50,000 labels, ce)", "oracle", "", "oracle", 0)]
+    rows += [("reference: the baseline recipe with B's labels revealed (all 50,000 labels, ce only)", "oracle", "", "oracle", 0)]
     return rows
 
 
