@@ -88,7 +88,7 @@ class ModelConfig:
 
     name: str = "resnet20"  # zoo name, timm name ('timm:...'), torchvision ('tv:...')
     pretrained: bool = False  # timm / torchvision / Hugging Face weights (needs internet)
-    pretrained_path: str | None = None  # local file holding those pretrained weights
+    pretrained_path: str | None = None  # local file holding those pretrained weights (implies pretrained)
     checkpoint: str | None = None  # start from a kdistill run or checkpoint
     drop_rate: float = 0.0
     channels_last: bool = False
@@ -97,6 +97,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must be set (see `kdistill list models`)")
         _check(0 <= self.drop_rate < 1, "model.drop_rate", "must be in [0, 1)")
+        self.pretrained = self.pretrained or bool(self.pretrained_path)  # a local weights file is pretrained
 
 
 @dataclass

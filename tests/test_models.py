@@ -31,6 +31,12 @@ def test_timm_pretrained_from_local_file(tmp_path):
     assert pp.image_size == model.pretrained_cfg["input_size"][-1]
     assert pp.mean == pytest.approx(list(model.pretrained_cfg["mean"]))
     assert model.kdistill_arch == "timm:resnet10t"
+    # a local weights file alone means pretrained, in create_model and in the config
+    alone = create_model("resnet10t", 7, pretrained_path=str(path))
+    assert torch.equal(alone.conv1[0].weight, src.conv1[0].weight)
+    from kdistill.config import ModelConfig
+
+    assert ModelConfig(name="timm:resnet10t", pretrained_path=str(path)).pretrained
 
 
 def test_torchvision_pretrained_from_local_file(tmp_path):

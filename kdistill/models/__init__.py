@@ -45,9 +45,11 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     """Build ``name`` with a ``num_classes`` head.
 
     ``pretrained`` loads timm / torchvision / Hugging Face weights (network, or the local
-    file ``pretrained_path``); the head is re-initialised when its size differs.
-    ``checkpoint`` loads a kdistill run or checkpoint whose architecture and classes match.
+    file ``pretrained_path``, which alone implies ``pretrained``); the head is re-initialised
+    when its size differs. ``checkpoint`` loads a kdistill run or checkpoint whose
+    architecture and classes match.
     """
+    pretrained = pretrained or bool(pretrained_path)
     source, bare = resolve_name(name)
     if source == "zoo":
         if pretrained:
