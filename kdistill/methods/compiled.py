@@ -26,7 +26,6 @@ deduplication) captures stays eager too: compiled graphs give logits only.
 from __future__ import annotations
 
 import copy
-import importlib.util
 from typing import Callable, get_args
 
 import torch
@@ -35,7 +34,7 @@ from torch import nn
 from ..config import TeacherRuntime
 from ..console import log
 from ..errors import KdistillError, UserError
-from ..models.onnx import INPUT_NAME, OUTPUT_NAME, Normalized, onnx_bytes, ort_session
+from ..models.onnx import INPUT_NAME, OUTPUT_NAME, Normalized, onnx_bytes, onnxruntime_available, ort_session
 from ..utils import first_line
 from .teachers import FrozenTeachers, Teacher
 
@@ -55,7 +54,7 @@ def resolve_runtime(runtime: str, device: torch.device, autocast: torch.dtype | 
         return "compile"
     if autocast is torch.bfloat16:
         return "eager"
-    return "onnx" if importlib.util.find_spec("onnxruntime") is not None else "eager"
+    return "onnx" if onnxruntime_available() else "eager"
 
 
 class CompiledTeacher(Teacher):

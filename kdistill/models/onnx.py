@@ -51,6 +51,13 @@ def onnx_bytes(module: nn.Module, size: int, opset: int, what: str) -> bytes:
     return buf.getvalue()
 
 
+def onnxruntime_available() -> bool:
+    """Can ONNX Runtime be imported here (it is a core dependency, but may be missing)?"""
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def ort_session(model: str | bytes, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime CPU session on a file path or serialized model. ``threads``: intra-op
     threads (None: ORT's default, one per core); ``spinning=False`` makes its idle threads

@@ -6,6 +6,7 @@ checkpoint, runs trained on other class sets) stops the report before any model 
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +14,25 @@ from pathlib import Path
 from ..deploy.card import read_config
 from ..errors import UserError
 from ..models.checkpoint import read_meta, resolve_checkpoint
-from ..utils import file_sha256
+from ..utils import file_sha256 as _file_sha256
 
 #: ``metrics.jsonl`` keys under ``train.`` that are bookkeeping, not loss terms
 NOT_LOSSES = {"train.images_per_s", "train.seconds", "train.skipped"}
 #: what a checkpoint records as its teacher when no model file taught it: an EMA of the student
 #: itself, a soft-label cache without a named teacher
 SOURCE_KINDS = {"self-ema", "cache"}
+
+
+def file_sha256(path: Path) -> str:
+    """A checkpoint's SHA-256, hashed once per report: a teacher is matched against the runs
+    and named in each student's provenance (a large teacher is then read once, not per student)."""
+    st = Path(path).stat()
+    return _hashed(str(Path(path).resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _hashed(path: str, mtime_ns: int, size: int) -> str:
+    return _file_sha256(path)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from ..engine.evaluate import EvalResult, kl_per_image, result_from_probs
 from ..engine.run import eval_dir, evaluate_model
 from ..errors import KdistillError
 from ..models.checkpoint import meta_preprocessing
-from ..models.onnx import Normalized, onnx_bytes, ort_session
+from ..models.onnx import Normalized, onnx_bytes, onnxruntime_available, ort_session
 from ..models.profile import count_flops, latency_table
 from ..utils import atomic_write, count_params, ensure_writable_dir, first_line
 from .gather import Run
@@ -137,13 +137,9 @@ def disagreements(student: Scores, teacher: Scores, k: int = 12) -> list[int]:
 
 def onnxruntime_missing() -> str | None:
     """Why ONNX Runtime latency cannot be measured here, or None when it can."""
-    import importlib
-
-    try:
-        importlib.import_module("onnxruntime")
-    except ImportError:
-        return "onnxruntime is not installed (pip install onnxruntime), so there is no ONNX Runtime latency"
-    return None
+    if onnxruntime_available():
+        return None
+    return "onnxruntime is not installed (pip install onnxruntime), so there is no ONNX Runtime latency"
 
 
 def onnx_forward(eager: nn.Module, image_size: int, arch: str) -> Callable[[np.ndarray], Any]:
