@@ -7,7 +7,7 @@
     .venv/bin/python bench/ssld.py --report             # tables from what has finished, no training
     # smoke run: tiny data and budgets in a throw-away cache
     .venv/bin/python bench/ssld.py --cache /tmp/ssld-smoke --per-half 40 --per-class 12 --plants 3 \\
-        --batch-size 32 --budget 640 --teacher-epochs 1 --top-k 8 --sweep 4,8,16 --no-write \\
+        --batch-size 32 --budget 640 --long-budget 1280 --teacher-epochs 1 --top-k 8 --sweep 4,8,16 --no-write \\
         --set data.max_val_images=200
 
 CIFAR-10 train is split into two stratified halves, A and B (25,000 images each, seeded). The
@@ -21,8 +21,9 @@ dedup; the unmined pool of SKL-UGI is B alone (no val copies to train on).
 Every arm trains the same number of optimizer steps of the same batch (fine-tuning counts):
 ``--budget`` images / batch, split as epochs x steps per epoch by ``common.fit_steps``
 (``-o train.max_steps_per_epoch`` caps an epoch where the data has more batches); the images
-each run saw are counted from its metrics.jsonl. Val top-1 is the last epoch's, on CIFAR-10's
-5,000 val images, which select nothing. Precision: ``train.amp=auto`` (native bf16 autocast
+each run saw are counted from its metrics.jsonl. A long pair (labeled-only KD and SSLD with KL,
+seed 0) trains ``--long-budget`` (900,000) images: does the gain grow with the schedule? Val
+top-1 is the last epoch's, on CIFAR-10's 5,000 val images, which select nothing. Precision: ``train.amp=auto`` (native bf16 autocast
 on CPUs with AVX512-BF16/AMX, fp32 elsewhere); each run's precision is read from its metrics.
 
 Runs live in ``--cache`` (default $KDISTILL_BENCH_CACHE/ssld, else ~/.cache/kdistill-bench/ssld);
@@ -123,6 +124,7 @@ class Bench:
         self.work = Path(args.cache).resolve()
         self.d = prepare_data(self.work, args.per_half, args.per_class, args.plants)
         self.steps = max(round(args.budget / args.batch_size), 1)
+        self.long_steps = max(round(args.long_budget / args.batch_size), 1) if args.long_budget else 0
         self.val = f"{CIFAR}/val"
         self.common = ["-o", f"data.val={self.val}",
                        "-o", f"data.class_map={self.d.class_map}", "--batch-size", str(args.batch_size),
@@ -140,7 +142,10 @@ class Bench:
         for kk in a.sweep:  # with the loss the seeded arms support (KL at T = 4, kdistill ssld's default)
             if kk != k:
                 names += [f"mine-k{kk}", f"ssld-kl-k{kk}-s0"]
-        return names + ["oracle-s0"]
+        names += ["oracle-s0"]
+        if a.long_budget:  # does the gain over labeled-only KD grow with the schedule?
+            names += ["kd-long-s0", f"ssld-kl-long-k{k}-s0"]
+        return names
 
     def folder(self, name: str) -> Path:
         return self.work / name
@@ -159,17 +164,19 @@ class Bench:
             return
         self.run("teacher")
         kind, seed = name.rsplit("-s", 1) if "-s" in name else (name, "0")
+        steps = self.long_steps if "-long" in kind else self.steps
+        kind = kind.replace("-long", "")
         if kind.startswith("mine-k"):
             self.mine(int(kind[6:]))
         elif kind in ("baseline", "kd"):
-            self.labeled_only(name, kind, int(seed))
+            self.labeled_only(name, kind, int(seed), steps)
         elif kind == "oracle":
             self.oracle(name, int(seed))
         elif kind == "skl-ugi":
             self.skl_ugi(name, int(seed))
         elif kind.startswith("ssld-"):
             loss = "kl" if kind.startswith("ssld-kl-") else "js"
-            self.ssld(name, int(kind.rsplit("-k", 1)[1]), loss, int(seed))
+            self.ssld(name, int(kind.rsplit("-k", 1)[1]), loss, int(seed), steps)
         else:
             raise SystemExit(f"unknown stage {name}")
 
@@ -181,16 +188,16 @@ class Bench:
                      log=out.parent.with_suffix(".log"))
         return out
 
-    def plan(self, n_images: int, reserved: int = 0) -> tuple[int, int, list[str]]:
-        """Epochs, steps per epoch and the cap flags for ``steps - reserved`` steps over a
-        training set of ``n_images``."""
+    def plan(self, n_images: int, reserved: int = 0, total: int | None = None) -> tuple[int, int, list[str]]:
+        """Epochs, steps per epoch and the cap flags for ``total`` (default: the budget's)
+        steps less ``reserved`` over a training set of ``n_images``."""
         per = self.per_epoch(n_images)
-        epochs, steps = fit_steps(self.steps - reserved, per)
+        epochs, steps = fit_steps((total or self.steps) - reserved, per)
         cap = ["-o", f"train.max_steps_per_epoch={steps}"] if steps < per else []
         return epochs, steps, cap
 
-    def labeled_only(self, name: str, kind: str, seed: int) -> None:
-        epochs, _, cap = self.plan(self.d.n_labeled)
+    def labeled_only(self, name: str, kind: str, seed: int, total: int) -> None:
+        epochs, _, cap = self.plan(self.d.n_labeled, total=total)
         every = ["-o", f"train.eval_every={max(epochs // 6, 1)}"]  # a curve; the last epoch is reported
         if kind == "baseline":
             args = ["-c", "cifar/resnet20_baseline"]
@@ -222,7 +229,7 @@ class Bench:
                     "-o", "distill.losses=[skl:1.0, ce:0.1]", "-o", "distill.loss_params={}", *cap,
                     "-o", f"train.eval_every={max(epochs // 6, 1)}"])
 
-    def ssld_plan(self, k: int) -> tuple[int, int, list[str], int] | None:
+    def ssld_plan(self, k: int, total: int | None = None) -> tuple[int, int, list[str], int] | None:
         """Distill-stage epochs, steps per epoch, cap flags and fine-tune steps; None before mining."""
         mined = self.folder(f"mine-k{k}") / "mined.txt"
         if not Path(f"{mined}.summary.json").is_file():
@@ -230,21 +237,21 @@ class Bench:
         n_mined = json.loads(Path(f"{mined}.summary.json").read_text())["selected"]
         ft = self.a.finetune_epochs * self.per_epoch(self.d.n_labeled)
         for _ in range(3):  # the distill stage's cap also caps the fine-tune's epochs (one config)
-            epochs, steps, cap = self.plan(self.d.n_labeled + n_mined, ft)
+            epochs, steps, cap = self.plan(self.d.n_labeled + n_mined, ft, total)
             ft_new = self.a.finetune_epochs * min(self.per_epoch(self.d.n_labeled), steps)
             if ft_new == ft:
                 break
             ft = ft_new
         return epochs, steps, cap, ft
 
-    def ssld(self, name: str, k: int, loss: str, seed: int) -> None:
+    def ssld(self, name: str, k: int, loss: str, seed: int, total: int) -> None:
         """``kdistill ssld`` as shipped (mine -> distill on labeled + mined -> fine-tune on labeled),
         its mine stage seeded from the shared mine-k run (the same teacher, pool and k)."""
         out = self.folder(name)
         if (out / "summary.json").is_file():
             return
         mined = self.mine(k)
-        epochs, _, cap, _ = self.ssld_plan(k)
+        epochs, _, cap, _ = self.ssld_plan(k, total)
         own = out / "mine" / "mined.txt"
         if not Path(f"{own}.summary.json").is_file():  # absolute paths: rows are relative to the list
             own.parent.mkdir(parents=True, exist_ok=True)
@@ -296,6 +303,9 @@ class Bench:
         b, out = self.a.batch_size, {}
         e, s, _ = self.plan(self.d.n_labeled)
         out["labeled"] = f"{e} x {s} x {b}"
+        if self.long_steps:
+            e, s, _ = self.plan(self.d.n_labeled, total=self.long_steps)
+            out["labeled-long"] = f"{e} x {s} x {b}"
         e, s, _ = self.plan(self.d.n_labeled + self.d.n_b)
         out["skl-ugi"] = f"{e} x {s} x {b}"
         e, s, _ = self.plan(len(Path(self.d.a_list).read_text().splitlines()) + self.d.n_b)
@@ -304,6 +314,9 @@ class Bench:
             p = self.ssld_plan(k)
             if p:
                 out[f"k{k}"] = f"{p[0]} x {p[1]} x {b} + fine-tune {p[3]} x {b}"
+        p = self.ssld_plan(self.a.top_k, self.long_steps) if self.long_steps else None
+        if p:
+            out[f"k{self.a.top_k}-long"] = f"{p[0]} x {p[1]} x {b} + fine-tune {p[3]} x {b}"
         return out
 
 
@@ -315,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--report", action="store_true", help="write the tables from finished runs; train nothing")
     ap.add_argument("--no-write", action="store_true", help="leave BENCHMARKS.md and bench/results alone")
     ap.add_argument("--budget", type=int, default=300_000, help="student images per arm, fine-tuning included")
+    ap.add_argument("--long-budget", type=int, default=900_000,
+                    help="budget of the long pair (labeled-only KD and SSLD-KL, seed 0); 0: no long pair")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--teacher-epochs", type=int, default=30)
     ap.add_argument("--per-half", type=int, default=2500, help="images per class in each half A, B")
@@ -350,7 +365,7 @@ def publish(bench: Bench, names: list[str], no_write: bool) -> None:
     tsum = bench.folder("teacher") / "summary.json"
     write_outputs({
         "settings": {k: v for k, v in vars(bench.a).items() if k not in ("only", "list", "report", "no_write")},
-        "steps": bench.steps, "n_labeled": bench.d.n_labeled, "n_pool": bench.d.n_b,
+        "steps": bench.steps, "long_steps": bench.long_steps, "n_labeled": bench.d.n_labeled, "n_pool": bench.d.n_b,
         "schedules": bench.schedules(), "cache": str(bench.work), "teacher": teacher,
         "teacher_best": json.loads(tsum.read_text()).get("best") if tsum.is_file() else None,
         "runs": records, "dedup": dedup}, no_write)

@@ -98,6 +98,11 @@ def arm_rows(r: dict) -> list[tuple[str, str, str, str, int | None]]:
     rows += [(f"top-k sweep: SSLD (KL at T = 4 + fine-tune), k = {kk}, seed 0", f"ssld-kl-k{kk}", "", f"k{kk}", 0)
              for kk in sorted(r["settings"]["sweep"])]
     rows += [("reference: the baseline recipe with B's labels revealed (all 50,000 labels, ce only)", "oracle", "", "oracle", 0)]
+    long = r["settings"].get("long_budget")
+    if long:
+        rows += [(f"long schedule, {long:,} images: labeled-only KD, seed 0", "kd-long", "", "labeled-long", 0),
+                 (f"long schedule, {long:,} images: SSLD, k = {k}, KL at T = 4 + fine-tune, seed 0",
+                  f"ssld-kl-long-k{k}", "", f"k{k}-long", 0)]
     return rows
 
 
@@ -187,6 +192,13 @@ def pointers(r: dict) -> list[str]:
     if out and spread:
         out.append(f"These are single runs; the 3-seed arms' standard deviations ({', '.join(f'{100 * s:.1f}' for s in spread)} "
                    "points) say how far apart two of them must be to mean anything.")
+    kd0, kl_long, kd_long = seeds_of(r, "kd").get(0), seeds_of(r, f"ssld-kl-long-k{k}").get(0), seeds_of(r, "kd-long").get(0)
+    if kd0 and kl and kl_long and kd_long:
+        s = r["settings"]
+        out.append(f"Schedule (seed 0): at {s['budget']:,} images SSLD (KL) − labeled-only KD = "
+                   f"{pts(kl['top1'] - kd0['top1'])} ({kl['top1']:.4f} vs {kd0['top1']:.4f}); at "
+                   f"{s['long_budget']:,} images {pts(kl_long['top1'] - kd_long['top1'])} "
+                   f"({kl_long['top1']:.4f} vs {kd_long['top1']:.4f}).")
     mined = r["runs"].get(f"mine-k{k}")
     if mined:
         ok = "meets" if mined["precision"] >= TARGET_PRECISION else f"misses by {TARGET_PRECISION - mined['precision']:.3f}"
@@ -269,7 +281,9 @@ def write_outputs(r: dict, no_write: bool) -> None:
              f"B is the unlabeled pool (labels hidden, never seen by the teacher; {4 * s['plants']} planted val copies "
              "added for mining). Every arm trains "
              f"{r['steps']:,} steps of {s['batch_size']} images = {r['steps'] * s['batch_size']:,} images "
-             f"(budget {s['budget']:,}, fine-tuning included; 'images seen' is counted from each run's metrics). "
+             f"(budget {s['budget']:,}, fine-tuning included; 'images seen' is counted from each run's metrics)"
+             + (f", except the long pair: {r['long_steps']:,} steps = {r['long_steps'] * s['batch_size']:,} images. "
+                if r.get("long_steps") else ". ") +
              "Accuracy is the last epoch's on CIFAR-10 val (5,000 images); no checkpoint or setting is chosen on "
              "val (SSLD stages evaluate only at their end, so the fine-tune starts from the distill stage's last "
              "weights). Seeds change initialisation and batch order, not the data split.", ""]
