@@ -23,8 +23,8 @@ go to that command). Val: CIFAR-10 val (5,000).
 Student resnet8, recipe cifar/funmatch_resnet56_resnet20 in every arm (AdamW lr 0.003, weight
 decay 0.05, cosine without warm-up, grad-norm clip 1.0, batch 128, Inception crop of scale
 [0.35, 1] + flip, ``train.amp=auto``: native bf16 autocast where the CPU has it, else fp32; each
-run's precision is read from its metrics), KL at T = 1 only (no labels), seed 0. Only the view
-mode (``--view``, kdistill/data/views.py) differs:
+run's precision is read from its metrics), KL at T = 1 only (no labels), seed 0 (and more seeds
+of the arms the targets compare, below). Only the view mode (``--view``, kdistill/data/views.py) differs:
 
 * ``fixed``: the teacher's logits on each training image's centre crop (the whole 32 px image),
   computed once before epoch 1 (engine/distill.teacher_table); the student keeps the normal
@@ -35,12 +35,13 @@ mode (``--view``, kdistill/data/views.py) differs:
 Each mode trains for 100 and, separately, 300 epochs (each its own cosine schedule), val top-1
 every ``--eval-every`` (10) epochs; the reported number is the last epoch's (nothing is chosen on
 val). Stages, most informative first: the three 100-epoch runs, then funmatch, fixed and
-consistent at 300. Compute: 3 modes x (100 + 300) epochs x 2,432 images (the loader drops the
-last partial batch) = 2.9M student training images, 1.9M online teacher forwards (consistent,
-funmatch), and 120 val passes of 5,000 images (student, and teacher for agreement). At ~1,000
-img/s (the rate expected for bf16 on an idle 2-core CPU; not measured: the smoke runs shared the
-CPU with another benchmark and their rates swung tenfold) about an hour of training, a 300-epoch
-run ~13 min; scale by the img/s column of the first finished run.
+consistent at 300 (seed 0), then seeds 1 to ``--seeds`` - 1 of the three arms the targets
+compare (funmatch at 100 and 300, fixed at 300), so each target's difference has a spread.
+Compute for seed 0: 3 modes x (100 + 300) epochs x 2,432 images (the loader drops the last
+partial batch) = 2.9M student training images, 1.9M online teacher forwards (consistent,
+funmatch), and 120 val passes of 5,000 images (student, and teacher for agreement). Measured on
+an idle 2-core AVX512 CPU with native bf16: ~850 img/s online, ~1,350 fixed; 100 epochs in
+~5 min, 300 in ~14; each further seed of the three arms ~30 min.
 
 Runs live in ``--cache`` (default $KDISTILL_BENCH_CACHE/patience, else ~/.cache/kdistill-bench/
 patience); each resumes after a kill, finished ones are reused. Results go to
@@ -51,6 +52,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 import shlex
 import subprocess
 import sys
@@ -64,6 +67,14 @@ RECIPE = "cifar/funmatch_resnet56_resnet20"
 MODES = ("funmatch", "fixed", "consistent")  # the order runs start in, at each schedule length
 COLOURS = {"fixed": "tab:blue", "consistent": "tab:orange", "funmatch": "tab:green"}
 TARGET_PATIENCE, TARGET_CONSISTENCY = 0.01, 0.02
+
+
+def parse(name: str) -> tuple[str, int, int]:
+    """``funmatch-e300`` (seed 0) or ``funmatch-e300-s1`` -> (mode, epochs, seed)."""
+    m = re.fullmatch(r"([a-z]+)-e(\d+)(?:-s(\d+))?", name)
+    if not m:
+        raise SystemExit(f"unknown stage {name}")
+    return m[1], int(m[2]), int(m[3] or 0)
 
 
 class Bench:
@@ -98,7 +109,10 @@ class Bench:
         return str(out), len(rows)
 
     def stages(self) -> list[str]:
-        return ["teacher"] + [f"{m}-e{e}" for e in sorted(set(self.a.epochs)) for m in MODES]
+        """Seed 0 of every arm, then more seeds of the three arms the targets compare."""
+        names = ["teacher"] + [f"{m}-e{e}" for e in sorted(set(self.a.epochs)) for m in MODES]
+        seeded = (("funmatch", self.short), ("funmatch", self.long), ("fixed", self.long))
+        return names + [f"{m}-e{e}-s{s}" for s in range(1, self.a.seeds) for m, e in seeded]
 
     def folder(self, name: str) -> Path:
         return self.teacher_dir if name == "teacher" else self.work / name
@@ -123,13 +137,13 @@ class Bench:
         self.ensure_teacher()
         if name == "teacher":
             return
-        mode, epochs = name.rsplit("-e", 1)
-        ensure_run("distill", self.folder(name), int(epochs), [
+        mode, epochs, seed = parse(name)
+        ensure_run("distill", self.folder(name), epochs, [
             "-c", RECIPE, "--data", self.train_list, "-o", f"data.val={CIFAR}/val",
             "-o", f"data.class_map={self.ssld_data.class_map}", "--model", "resnet8",
             "--teacher", self.teacher_ckpt(), "--view", mode, "--batch-size", str(self.a.batch_size),
             "-o", "distill.losses=[kd:1.0]", "-o", "distill.loss_params={kd: {temperature: 1.0}}",
-            "-o", "train.amp=auto", "-o", f"train.eval_every={self.a.eval_every}", "--seed", "0",
+            "-o", "train.amp=auto", "-o", f"train.eval_every={self.a.eval_every}", "--seed", str(seed),
             *(x for kv in self.a.set for x in ("-o", kv))])
 
     def progress(self, name: str) -> str:
@@ -176,17 +190,19 @@ def plot(r: dict, png: Path) -> None:
     for name, run in r["runs"].items():
         if not run["curve"]:
             continue
-        mode, epochs = name.rsplit("-e", 1)
+        mode, epochs, seed = parse(name)
         xs, ys = zip(*run["curve"])
         state = "" if run["finished"] else f" ({run['progress']})"
-        ax.plot(xs, [100 * y for y in ys], color=COLOURS[mode], marker=".",
-                linestyle="--" if int(epochs) == r["short"] else "-", label=f"{mode}, {epochs} epochs{state}")
+        ax.plot(xs, [100 * y for y in ys], color=COLOURS[mode], marker="." if seed == 0 else None,
+                alpha=1.0 if seed == 0 else 0.35, linestyle="--" if epochs == r["short"] else "-",
+                label=f"{mode}, {epochs} epochs{state}" if seed == 0 else None)
     if r["teacher"]:
         ax.axhline(100 * r["teacher"]["top1"], color="black", linewidth=0.8, linestyle=":",
                    label="teacher resnet20 (last epoch)")
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1 (%), CIFAR-10 val")
-    ax.set_title(f"resnet8 distilled on {r['n_train']:,} CIFAR-10 images, KL only")
+    ax.set_title(f"resnet8 distilled on {r['n_train']:,} CIFAR-10 images, KL only\n"
+                 "(seed 0 marked; faint lines: other seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
@@ -196,9 +212,23 @@ def plot(r: dict, png: Path) -> None:
     plt.close(fig)
 
 
+def top1s(r: dict, mode: str, epochs: int) -> list[float]:
+    """The finished runs' last-epoch val top-1 of one arm, seed 0 first."""
+    runs = sorted((parse(n)[2], run["finished"]["top1"]) for n, run in r["runs"].items()
+                  if run["finished"] and parse(n)[:2] == (mode, epochs))
+    return [t for _, t in runs]
+
+
 def top1(r: dict, mode: str, epochs: int) -> float | None:
-    run = r["runs"].get(f"{mode}-e{epochs}")
-    return run["finished"]["top1"] if run and run["finished"] else None
+    """Mean over the finished seeds (None: none finished)."""
+    t = top1s(r, mode, epochs)
+    return sum(t) / len(t) if t else None
+
+
+def fmt(t: list[float]) -> str:
+    if len(t) < 2:
+        return f"{t[0]:.4f}"
+    return f"{sum(t) / len(t):.4f} ± {statistics.stdev(t):.4f} ({len(t)} seeds)"
 
 
 def pts(x: float) -> str:
@@ -210,24 +240,26 @@ def targets(r: dict) -> list[dict]:
     out = []
     for what, (a, b), need in (("patience", (("funmatch", lg), ("funmatch", s)), TARGET_PATIENCE),
                                ("consistency", (("funmatch", lg), ("fixed", lg)), TARGET_CONSISTENCY)):
-        ta, tb = top1(r, *a), top1(r, *b)
-        diff = None if ta is None or tb is None else ta - tb
+        ta, tb = top1s(r, *a), top1s(r, *b)
+        diff = None if not ta or not tb else sum(ta) / len(ta) - sum(tb) / len(tb)
+        spread = statistics.stdev(ta) + statistics.stdev(tb) if len(ta) > 1 and len(tb) > 1 else None
         out.append({"target": what, "a": f"{a[0]} {a[1]} epochs", "b": f"{b[0]} {b[1]} epochs", "need": need,
-                    "diff": diff, "verdict": "pending" if diff is None else "PASS" if diff >= need - 1e-12 else "MISS"})
+                    "a_top1": ta, "b_top1": tb, "diff": diff, "spread": spread,
+                    "verdict": "pending" if diff is None else "PASS" if diff >= need - 1e-12 else "MISS"})
     return out
 
 
 def table(r: dict) -> list[str]:
-    lines = ["| view mode | epochs | val top-1, last epoch | val MPA | agreement with teacher (val) | precision | "
-             "train img/s | train min | state |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, run in r["runs"].items():
-        mode, epochs = name.rsplit("-e", 1)
+    lines = ["| view mode | epochs | seed | val top-1, last epoch | val MPA | agreement with teacher (val) | precision | "
+             "train img/s | train min | state |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, run in sorted(r["runs"].items(), key=lambda nr: parse(nr[0])[1:] + (MODES.index(parse(nr[0])[0]),)):
+        mode, epochs, seed = parse(name)
         f = run["finished"]
         if not f:
-            lines.append(f"| {mode} | {epochs} | pending | | | | | | {run['progress']} |")
+            lines.append(f"| {mode} | {epochs} | {seed} | pending | | | | | | {run['progress']} |")
             continue
         agree = f"{f['agreement']:.4f}" if f.get("agreement") is not None else "-"
-        lines.append(f"| {mode} | {epochs} | {f['top1']:.4f} | {f['mpa']:.4f} | {agree} | "
+        lines.append(f"| {mode} | {epochs} | {seed} | {f['top1']:.4f} | {f['mpa']:.4f} | {agree} | "
                      f"{', '.join(f['precision'])} | "
                      f"{f['images_per_s']:.0f} | {f['train_seconds'] / 60:.1f} | done {f['finished']} |")
     return lines
@@ -241,7 +273,12 @@ def findings(r: dict) -> list[str]:
     for what, t in ((f"Patience: funmatch at {lg} − funmatch at {s} epochs", r["targets"][0]),
                     (f"Consistency: funmatch at {lg} − fixed at {lg} epochs", r["targets"][1])):
         got = "pending" if t["diff"] is None else f"{pts(t['diff'])}: **{t['verdict']}**"
-        lines.append(f"- {what} = {got} (target ≥ {pts(t['need'])}).")
+        detail = "" if t["diff"] is None else f"; {fmt(t['a_top1'])} vs {fmt(t['b_top1'])}"
+        if t["spread"] is not None:
+            beyond = "larger" if abs(t["diff"]) > t["spread"] else "not larger"
+            detail += (f"; the two standard deviations add up to {100 * t['spread']:.2f} points, so the "
+                       f"difference is {beyond} than the seed spread")
+        lines.append(f"- {what} = {got} (target ≥ {pts(t['need'])}{detail}).")
     for e in (s, lg):
         fm = top1(r, "funmatch", e)
         for other in ("consistent", "fixed"):
@@ -253,7 +290,7 @@ def findings(r: dict) -> list[str]:
         if m != "funmatch" and a is not None and b is not None:
             lines.append(f"- {m}: {lg} − {s} epochs = {pts(b - a)}.")
     for name, run in r["runs"].items():
-        if run["finished"] and len(run["curve"]) > 1:
+        if run["finished"] and len(run["curve"]) > 1 and parse(name)[2] == 0:
             e, y = max(run["curve"], key=lambda ey: (ey[1], -ey[0]))
             last = run["curve"][-1]
             lines.append(f"- {name} curve: highest logged val top-1 {y:.4f} at epoch {e}, last {last[1]:.4f} at "
@@ -263,8 +300,11 @@ def findings(r: dict) -> list[str]:
     if pending:
         lines.append(f"- Not finished yet: {', '.join(pending)}; the targets that need them are pending.")
     if done:
-        lines.append("- Each arm is one run (seed 0); the seed-to-seed spread of this setting was not measured, "
-                     "so none of these differences comes with an error bar.")
+        multi = sorted({parse(n)[:2] for n, run in r["runs"].items() if run["finished"] and parse(n)[2] > 0})
+        lines.append("- Means are over the finished seeds; " + (
+            "arms with more than one seed: " + ", ".join(f"{m} {e}" for m, e in multi) + "; the others are one run "
+            "(seed 0), and their differences come with no error bar of their own."
+            if multi else "every arm is one run (seed 0) so far, so no difference comes with an error bar."))
     return lines
 
 
@@ -282,7 +322,7 @@ def write_outputs(r: dict, no_write: bool, png: Path) -> None:
     recipe_text = (f"{rc['optim']} lr {rc['lr']}, weight decay {rc['weight_decay']}, {rc['sched']} with "
                    f"{rc['warmup_epochs']} warm-up epochs, grad-norm clip {rc['clip_grad']}, batch {rc['batch_size']}, "
                    f"crop {rc['crop']} scale {rc['scale']} + flip {rc['hflip']}, losses {rc['losses']} "
-                   f"{rc['loss_params']}, train.amp={rc['amp']}, seed {rc['seed']}" if rc
+                   f"{rc['loss_params']}, train.amp={rc['amp']}" if rc
                    else f"as in kdistill/configs/{RECIPE}.yaml, with KL at T = 1 and train.amp=auto; no run started")
     lines = [f"Written {r['date']} ({when}, {len(done)} of {len(r['runs'])} runs done) on {r['machine']} by "
              f"`python bench/patience.py`; runs cached in `{r['cache']}` (rerun the script to continue).", "",
@@ -335,6 +375,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--per-class", type=int, default=250, help="training images per class, from half A")
     ap.add_argument("--epochs", default="100,300", help="the two schedule lengths")
     ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="seeds of the three arms the targets compare (funmatch short and long, fixed long)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra -o for every student run (e.g. smoke: data.max_val_images=200)")
