@@ -60,8 +60,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CIFAR, LONG_CACHE, RESULTS, ROOT, ensure_run, machine, run_progress, run_record,  # noqa: E402
-                    run_stages, save_result, today, update_section)
+from common import (CIFAR, LONG_CACHE, RESULTS, ROOT, ensure_run, kdistill, machine, run_progress,  # noqa: E402
+                    run_record, run_stages, save_result, today, update_section)
 
 RECIPE = "cifar/funmatch_resnet56_resnet20"
 MODES = ("funmatch", "fixed", "consistent")  # the order runs start in, at each schedule length
@@ -153,12 +153,31 @@ class Bench:
         """run_record plus the val curve so far (also of unfinished runs) and the recipe it ran."""
         out = self.folder(name)
         rec = run_record(out)
+        if rec:
+            rec["train_fit"] = self.train_fit(name)
         if name == "teacher":
             return rec
         rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()
                 if ln.strip()] if (out / "metrics.jsonl").is_file() else []
         curve = [[r["epoch"], r["val.top1"]] for r in rows if "val.top1" in r]
         return {"finished": rec, "progress": self.progress(name), "curve": curve, "recipe": recipe(out)}
+
+
+    def train_fit(self, name: str) -> dict:
+        """A finished run's last checkpoint on its own training images (the subset, centre
+        crop, no augmentation): top-1, and agreement and KL with the teacher (not for the
+        teacher). Beside the same on val it says how far a student fits the teacher on what it
+        trained on and how far that carries over. ``kdistill eval``, cached under train-fit/."""
+        root, report = self.work / "data" / "train-eval", self.work / "train-fit" / name
+        if not (report / "metrics.json").is_file():
+            root.mkdir(parents=True, exist_ok=True)  # an eval root whose 'val' split is the subset
+            (root / "val_list.txt").write_text(Path(self.train_list).read_text())
+            (root / "classes.txt").write_text(Path(self.ssld_data.class_map).read_text())
+            teacher = [] if name == "teacher" else ["--teacher", self.teacher_ckpt()]
+            kdistill("eval", str(self.folder(name) / "last.safetensors"), "--data", str(root), *teacher,
+                     "--report", str(report), log=report.with_suffix(".log"))
+        m = json.loads((report / "metrics.json").read_text())
+        return {k: m.get(k) for k in ("top1", "agreement", "kl_to_teacher")}
 
 
 def recipe(out: Path) -> dict | None:
@@ -250,16 +269,19 @@ def targets(r: dict) -> list[dict]:
 
 
 def table(r: dict) -> list[str]:
-    lines = ["| view mode | epochs | seed | val top-1, last epoch | val MPA | agreement with teacher (val) | precision | "
-             "train img/s | train min | state |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| view mode | epochs | seed | val top-1, last epoch | val MPA | agreement with teacher (val) | "
+             "top-1 on its training images | agreement with teacher on them | precision | train img/s | train min | "
+             "state |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, run in sorted(r["runs"].items(), key=lambda nr: parse(nr[0])[1:] + (MODES.index(parse(nr[0])[0]),)):
         mode, epochs, seed = parse(name)
         f = run["finished"]
         if not f:
-            lines.append(f"| {mode} | {epochs} | {seed} | pending | | | | | | {run['progress']} |")
+            lines.append(f"| {mode} | {epochs} | {seed} | pending | | | | | | | | {run['progress']} |")
             continue
         agree = f"{f['agreement']:.4f}" if f.get("agreement") is not None else "-"
-        lines.append(f"| {mode} | {epochs} | {seed} | {f['top1']:.4f} | {f['mpa']:.4f} | {agree} | "
+        fit = f.get("train_fit") or {}
+        own = " | ".join(f"{fit[k]:.4f}" if fit.get(k) is not None else "-" for k in ("top1", "agreement"))
+        lines.append(f"| {mode} | {epochs} | {seed} | {f['top1']:.4f} | {f['mpa']:.4f} | {agree} | {own} | "
                      f"{', '.join(f['precision'])} | "
                      f"{f['images_per_s']:.0f} | {f['train_seconds'] / 60:.1f} | done {f['finished']} |")
     return lines
@@ -289,6 +311,16 @@ def findings(r: dict) -> list[str]:
         a, b = top1(r, m, s), top1(r, m, lg)
         if m != "funmatch" and a is not None and b is not None:
             lines.append(f"- {m}: {lg} − {s} epochs = {pts(b - a)}.")
+    for e in (s, lg):
+        gaps = []
+        for m in MODES:
+            f = (r["runs"].get(f"{m}-e{e}") or {}).get("finished") or {}
+            fit = f.get("train_fit") or {}
+            if fit.get("agreement") is not None and f.get("agreement") is not None:
+                gaps.append(f"{m} {fit['agreement']:.3f} vs {f['agreement']:.3f} ({pts(fit['agreement'] - f['agreement'])})")
+        if gaps:
+            lines.append(f"- Agreement with the teacher on the student's own training images (centre crop) vs on val, "
+                         f"{e} epochs, seed 0: " + "; ".join(gaps) + ".")
     for name, run in r["runs"].items():
         if run["finished"] and len(run["curve"]) > 1 and parse(name)[2] == 0:
             e, y = max(run["curve"], key=lambda ey: (ey[1], -ey[0]))
@@ -317,7 +349,8 @@ def write_outputs(r: dict, no_write: bool, png: Path) -> None:
     when = f"runs finished {dates[0]} to {dates[-1]}" if dates else "no run finished yet"
     rc = next((run["recipe"] for run in r["runs"].values() if run["recipe"]), None)
     t = r["teacher"]
-    teacher = (f"val top-1 {t['top1']:.4f} at its last epoch ({t['epochs']}), the checkpoint used; precision "
+    teacher = (f"val top-1 {t['top1']:.4f} at its last epoch ({t['epochs']}), the checkpoint used, and "
+               f"{t['train_fit']['top1']:.4f} on the {r['n_train']:,} training images; precision "
                f"{', '.join(t['precision'])}" if t else "pending")
     recipe_text = (f"{rc['optim']} lr {rc['lr']}, weight decay {rc['weight_decay']}, {rc['sched']} with "
                    f"{rc['warmup_epochs']} warm-up epochs, grad-norm clip {rc['clip_grad']}, batch {rc['batch_size']}, "

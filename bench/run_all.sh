@@ -14,4 +14,5 @@ step bench/distill_methods.py --seeds 3                         # issue 16: base
 step bench/funmatch.py accuracy                                 # issue 5b
 step bench/funmatch.py topk                                     # issue 5: top-k truncation
 step bench/funmatch.py patience --epochs 30 --train-images 10000  # issue 5c
+step bench/patience.py                                          # issue 17: patient, consistent teacher (~2 h; ~/.cache/kdistill-bench)
 step bench/serve_load.py --run bench/cache/cifar/resnet20       # issue 6: load test, ORT vs eager (not cached: reruns)
