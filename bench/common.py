@@ -114,10 +114,17 @@ def run_record(out: Path) -> dict | None:
     return {"top1": final.get("top1"), "mpa": final.get("mpa"), "agreement": final.get("agreement"),
             "kl_to_teacher": final.get("kl_to_teacher"), "epochs": s["epochs"],
             "images": sum(round(r["train.images_per_s"] * r["train.seconds"]) for r in rows),
-            "precision": sorted({r.get("precision", "?") for r in rows}),
+            "precision": sorted({_precision(r) for r in rows}),
             "train_seconds": round(sum(r["train.seconds"] for r in rows)),
             "images_per_s": s.get("train_images_per_s"),
             "finished": _dt.datetime.fromtimestamp((out / "summary.json").stat().st_mtime).date().isoformat()}
+
+
+def _precision(row: dict) -> str:
+    """An epoch's precision with the CPU capability it ran on (``bf16 on AVX512``), as its
+    metrics.jsonl row logged them: speed columns beside it then name their machine."""
+    cap = row.get("cpu_capability")
+    return f"{row.get('precision', '?')} on {cap}" if cap else row.get("precision", "?")
 
 
 def run_progress(out: Path) -> str:

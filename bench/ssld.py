@@ -23,8 +23,9 @@ Every arm trains the same number of optimizer steps of the same batch (fine-tuni
 (``-o train.max_steps_per_epoch`` caps an epoch where the data has more batches); the images
 each run saw are counted from its metrics.jsonl. A long pair (labeled-only KD and SSLD with KL,
 seed 0) trains ``--long-budget`` (900,000) images: does the gain grow with the schedule? Val
-top-1 is the last epoch's, on CIFAR-10's 5,000 val images, which select nothing. Precision: ``train.amp=auto`` (native bf16 autocast
-on CPUs with AVX512-BF16/AMX, fp32 elsewhere); each run's precision is read from its metrics.
+top-1 is the last epoch's, on CIFAR-10's 5,000 val images, which select nothing. Precision:
+``train.amp=auto`` (native bf16 autocast on CPUs with AVX512-BF16/AMX, fp32 elsewhere); each
+run's precision and CPU capability are read from its metrics.
 
 Runs live in ``--cache`` (default $KDISTILL_BENCH_CACHE/ssld, else ~/.cache/kdistill-bench/ssld);
 each resumes after a kill, finished ones are reused. Results go to bench/results/ssld.json and

@@ -208,9 +208,12 @@ def pointers(r: dict) -> list[str]:
 
 
 def table(r: dict) -> list[str]:
-    kd = top1s(r, "kd")
-    mkd = sum(kd) / len(kd) if kd else None
-    lines = ["| arm | seeds | val top-1, last epoch | val MPA | vs labeled-only KD | agreement with teacher | "
+    ref = {}  # labeled-only KD's mean at each budget: the long pair is compared within itself
+    for prefix in ("kd", "kd-long"):
+        t = top1s(r, prefix)
+        ref[prefix] = sum(t) / len(t) if t else None
+    lines = ["| arm | seeds | val top-1, last epoch | val MPA | vs labeled-only KD at the same budget | "
+             "agreement with teacher | "
              "images seen | epochs x steps x batch | precision | train min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for label, prefix, part, sched, only in arm_rows(r):
         recs = [v for _, v in sorted(seeds_of(r, prefix, part, only).items())]
@@ -220,7 +223,8 @@ def table(r: dict) -> list[str]:
             continue
         t1 = [v["top1"] for v in recs]
         agree = [v["agreement"] for v in recs if v.get("agreement") is not None]
-        diff = f"{pts(sum(t1) / len(t1) - mkd)}" if mkd is not None and prefix != "kd" else "-"
+        base = "kd-long" if "-long" in prefix else "kd"
+        diff = f"{pts(sum(t1) / len(t1) - ref[base])}" if ref[base] is not None and prefix != base else "-"
         images = sorted({v["images"] for v in recs})
         prec = sorted({p for v in recs for p in v["precision"]})
         minutes = sum(v["train_seconds"] for v in recs) / len(recs) / 60
