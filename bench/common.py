@@ -41,15 +41,15 @@ def kdistill(*args: str, log: Path | None = None) -> None:
 
 
 def ensure_run(command: str, out: Path, epochs: int, args: list[str]) -> dict:
-    """Train ``out`` unless already finished; resume it when interrupted (cached in CACHE)."""
-    from kdistill.engine.run import run_stage
-
-    def start(resume: bool) -> dict:
-        kdistill(command, *args, "--out", str(out), "-o", f"train.epochs={epochs}", "--no-progress",
-                 *(["--resume"] if resume else []), log=out.with_suffix(".log"))
-        return json.loads((out / "summary.json").read_text())
-
-    return run_stage(out, epochs, start, out.name)
+    """Train ``out`` unless already finished; resume it when interrupted (cached in CACHE;
+    kdistill itself refuses a resume with other settings)."""
+    summary = out / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("epochs") == epochs:
+        print(f"reusing finished run {out}", flush=True)
+        return json.loads(summary.read_text())
+    kdistill(command, *args, "--out", str(out), "-o", f"train.epochs={epochs}", "--no-progress",
+             *(["--resume"] if (out / "last.pt").exists() else []), log=out.with_suffix(".log"))
+    return json.loads(summary.read_text())
 
 
 def distill_trainer(argv: list[str]):

@@ -90,6 +90,7 @@ def in_run_folder(cfg, run):
     out = run_folder(cfg)
     made = not out.exists()
     cfg.train.out = str(ensure_writable_dir(out, "--out"))
+    set_run_folder(cfg.train.out)
     try:
         return run(cfg)
     except UserError:
@@ -235,16 +236,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "models":
         from .models import list_models
+        from .models.describe import annotate
 
         groups = list_models(args.pattern)
+        if args.pattern and not any(groups.values()):
+            raise UserError(f"no model name matches '{args.pattern}' (a bare word matches anywhere in "
+                            "a name; wildcards work too, e.g. 'res*18')")
         for source, names in groups.items():
+            if args.pattern and not names:
+                continue
             if args.pattern or source == "zoo":
-                print(f"# {source} ({len(names)})")
-                for n in names:
-                    print(n)
+                print(f"# {source} ({len(names)})" + ("; a bare name picks the zoo first, then timm, "
+                                                      "then torchvision" if source == "zoo" else ""))
+                for row in annotate(source, names):
+                    print(row)
             else:
-                print(f"# {source}: {len(names)} models; filter with a pattern, "
-                      f"e.g. `kdistill list models 'resnet*'`")
+                print(f"# {source}: {len(names)} models; filter with a word or a pattern, "
+                      f"e.g. `kdistill list models resnet`")
     elif args.what == "losses":
         from .losses import LOSSES
 
@@ -271,8 +279,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
-# what Ctrl-C tells the user, per subcommand (set_defaults(on_interrupt=...))
-RESUME = "the last completed epoch is saved (continue with --resume)"
+# what Ctrl-C tells the user, per subcommand (set_defaults(on_interrupt=...)); for RESUME,
+# main() says instead whether the run folder holds a completed epoch (resume_hint)
+RESUME = "each completed epoch is saved in the run folder (continue with --resume --out DIR)"
 RERUN = "finished work is kept (run the same command again to continue)"
 
 
@@ -360,9 +369,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: the run folder of the command in progress, for what Ctrl-C says (see set_run_folder)
+_run_folder: Path | None = None
+
+
+def set_run_folder(out: str | Path | None) -> None:
+    """Record the folder the running command trains in, once it is fixed (``in_run_folder``),
+    so that Ctrl-C can say whether an epoch was saved there; ``--out`` is used without it."""
+    global _run_folder
+    _run_folder = Path(out) if out else None
+
+
+def resume_hint(out: Path | None) -> str:
+    """What Ctrl-C says of run folder ``out``: saved epochs and how to continue, or nothing saved."""
+    if out is None:
+        return RESUME
+    if (out / "last.pt").is_file() or any(out.glob("*/last.pt")):  # born-again's gen<g>/
+        return f"the last completed epoch is saved in {out} (continue with --resume --out {out})"
+    return f"no epoch had completed, so nothing was saved in {out} (run the same command again to start it)"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning")
     args = None
+    set_run_folder(None)
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
@@ -374,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         hint = getattr(args, "on_interrupt", "")
+        if hint == RESUME:
+            hint = resume_hint(_run_folder or (Path(args.out) if getattr(args, "out", None) else None))
         print(f"kdistill: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
 

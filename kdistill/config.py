@@ -21,9 +21,11 @@ from .errors import UserError
 
 # how a frozen teacher runs (kdistill/methods/compiled.py): distill, cache, mine, eval --teacher
 TeacherRuntime = Literal["auto", "eager", "onnx", "compile"]
-TEACHER_RUNTIME_HELP = ("how a frozen teacher runs: auto (compile on CUDA, onnx on CPU when onnxruntime "
-                        "is installed, else eager), eager, onnx (ONNX Runtime, CPU) or compile (torch.compile); "
-                        "checked against eager at start, eager when it disagrees")
+# says what methods/compiled.py resolve_runtime does for 'auto'
+TEACHER_RUNTIME_HELP = ("how a frozen teacher runs: auto (compile on CUDA; on a CPU, eager when the run "
+                        "autocasts to bf16, else onnx when onnxruntime is installed, else eager), eager, "
+                        "onnx (ONNX Runtime, CPU, fp32) or compile (torch.compile); checked against eager "
+                        "at start, eager when it disagrees")
 
 
 def arg(default: Any, help: str, metavar: str | None = None) -> Any:
@@ -290,6 +292,10 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
+        if isinstance(value, str):  # any case, stored in the canonical spelling
+            same = [a for a in args if isinstance(a, str) and a.lower() == value.strip().lower()]
+            if same:
+                return same[0]
         if value is False and "no" in args:  # YAML reads a bare `no` as False
             return "no"
         if value is True and "yes" in args:

@@ -10,11 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
 from .config import Config, build_config
 from .console import log
-from .errors import UserError
 from .models.checkpoint import load_model, meta_preprocessing
 from .models.profile import profile
 from .utils import atomic_write_text, ensure_writable_dir, write_json
@@ -60,19 +57,14 @@ def run_arm(arm: Arm, out: Path, data: str, size: dict) -> dict:
     from .engine.run import run_stage
 
     run = out / arm.name
-
-    def same_size(done: dict) -> bool:
-        images = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("data", {}).get("max_train_images")
-        if done.get("epochs") == arm.epochs and images == arm.images:
-            return True
-        raise UserError(f"{run} holds a finished run of another size (an older demo?); "
-                        "remove it or choose another --out")
+    cfg = demo_config(run, data, arm, size, arm.overrides)
 
     def start(resume: bool) -> dict:
         log(f"[{arm.name}] training {arm.model} for {arm.epochs} epoch(s) of {arm.images} images -> {run}")
-        return arm.run(demo_config(run, data, arm, size, arm.overrides + (["train.resume=true"] if resume else [])))
+        cfg.train.resume = resume
+        return arm.run(cfg)
 
-    return run_stage(run, arm.epochs, start, arm.name, reuse=same_size)
+    return run_stage(run, cfg, start, arm.name, "demo arm")
 
 
 def arms(size: dict, out: Path) -> list[Arm]:

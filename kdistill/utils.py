@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import tempfile
@@ -19,7 +20,8 @@ import torch
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
-    A crash half-way leaves the previous file intact (never a truncated one).
+    A crash half-way leaves the previous file intact (never a truncated one). The file gets
+    the mode ``open`` would give it under the umask (0644 under umask 022), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,10 +31,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600: give it a new file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux says it (``os.umask`` sets
+    it too, which another thread creating a file at that moment would see)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 _PROBE = ".kdistill-write-check-"
@@ -92,13 +110,31 @@ def atomic_write(path: str | Path, writer: Callable[[Path], Any]) -> None:
         writer(tmp)
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float (also inside dicts, lists and tuples) made
+    None: JSON has no NaN, and most parsers refuse Python's ``NaN`` / ``Infinity``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON text of ``obj``: non-finite floats become ``null`` (:func:`json_safe`)."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    """``obj`` as strict JSON (non-finite floats as ``null``), written atomically."""
+    atomic_write_text(path, dumps_json(obj, indent=2) + "\n")
 
 
 def append_jsonl(path: str | Path, obj: Any) -> None:
     with open(path, "a") as fh:
-        fh.write(json.dumps(obj) + "\n")
+        fh.write(dumps_json(obj) + "\n")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -88,10 +88,11 @@ def test_demo_quick_has_teacher_student_and_kd_arms(tmp_path):
     assert proc.stdout.strip().endswith(f"report: {tmp_path / 'demo' / 'report.html'}")
     assert "kd-student" in (tmp_path / "demo" / "report.html").read_text()
     again = run_cli("demo", "--quick", "--data", str(root), "--out", str(tmp_path / "demo"), "--no-progress")
-    assert again.returncode == 0 and again.stderr.count("reusing finished run") == 3, again.stderr
+    assert again.returncode == 0 and again.stderr.count("reusing finished demo arm") == 3, again.stderr
     # the full demo in the same folder: arms of another size are not silently reused
     bigger = run_cli("demo", "--data", str(root), "--out", str(tmp_path / "demo"), "--no-progress")
-    assert bigger.returncode == 2 and "finished run of another size" in bigger.stderr, bigger.stderr
+    assert bigger.returncode == 2 and "demo arm made with other settings" in bigger.stderr, bigger.stderr
+    assert "model.name (resnet14 -> resnet20)" in bigger.stderr and len(bigger.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("command, module, func, hint", [

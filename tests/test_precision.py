@@ -58,11 +58,15 @@ def test_false_is_fp32_everywhere(native_bf16):
     assert precision.resolve(CUDA, False).dtype is None
 
 
-@pytest.mark.parametrize("bf16, dtype", [(True, torch.bfloat16), (False, torch.float16)])
-def test_auto_on_cuda_prefers_bf16_else_fp16_with_a_scaler(monkeypatch, bf16, dtype):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+@pytest.mark.parametrize("capability, dtype", [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16),
+                                               ((7, 5), torch.float16), ((7, 0), torch.float16)])
+def test_auto_on_cuda_is_bf16_from_capability_8_else_fp16_with_a_scaler(monkeypatch, capability, dtype):
+    """T4 (7.5) and V100 (7.0) only emulate bf16, though torch.cuda.is_bf16_supported() says yes."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
     p = precision.resolve(CUDA, "auto")
     assert p.dtype is dtype and p.needs_scaler is (dtype is torch.float16)
+    assert f"{capability[0]}.{capability[1]}" in p.reason
     assert "cpu_capability" not in p.record(CUDA)
     assert precision.resolve(CUDA, "auto", "fp16").dtype is torch.float16
 
@@ -94,7 +98,7 @@ def test_run_records_the_precision_it_used_and_keeps_auto(tiny_root, tmp_path, n
     native_bf16(False, "AVX2")
     out = tmp_path / "run"
     assert main(["train", "--data", str(tiny_root), "--model", "resnet8", "--epochs", "2",
-                 "--out", str(out), *TRAIN_ARGS]) == 0
+                 "--out", str(out), "-o", "optim.sched=step", *TRAIN_ARGS]) == 0  # step: may be extended
     assert "precision: fp32 (CPU AVX2 has no native bf16" in capsys.readouterr().err
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["amp"] == "auto"
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -121,11 +125,18 @@ def test_recipes_and_demo_use_auto():
         assert demo_config(Path("/tmp/x"), "fashion-mnist", arm, {**FULL, "progress": False}, []).train.amp == "auto"
 
 
-def test_a_run_saved_without_a_scaler_resumes_under_fp16(tiny_root, tmp_path):
-    """last.pt from an fp32/bf16 run holds an empty GradScaler state; fp16 must still resume."""
+def test_a_run_saved_without_a_scaler_resumes_under_fp16(tiny_root, tmp_path, native_bf16, monkeypatch):
+    """last.pt from an fp32/bf16 run holds an empty GradScaler state; a run resumed where
+    'auto' picks fp16 (say on a T4) must still resume."""
+    native_bf16(False, "AVX2")
     out = tmp_path / "run"
-    assert main(["train", "--data", str(tiny_root), "--model", "resnet8", "--epochs", "1",
-                 "--out", str(out), "--no-amp", *TRAIN_ARGS]) == 0
-    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--amp",
-                 "-o", "train.amp_dtype=fp16", *TRAIN_ARGS]) == 0
+    assert main(["train", "--data", str(tiny_root), "--model", "resnet8", "--epochs", "2",
+                 "--out", str(out), "-o", "train.max_steps_per_epoch=1", *TRAIN_ARGS]) == 0
+    (out / "summary.json").unlink()
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["epoch"] == 2 and not state["scaler"]
+    state["epoch"] = 1  # as if killed after epoch 1
+    torch.save(state, out / "last.pt")
+    monkeypatch.setattr(precision, "resolve", lambda *a, **k: precision.Precision(torch.float16, "stub: fp16"))
+    assert main(["train", "--out", str(out), "--resume", *TRAIN_ARGS]) == 0
     assert json.loads((out / "summary.json").read_text())["precision"] == "fp16"

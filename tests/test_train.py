@@ -85,11 +85,10 @@ def test_resume_after_kill_matches_uninterrupted(tiny_root, tmp_path):
     assert strip(rows(clean)) == strip(rows(killed))
 
 
-def test_resume_extends_a_finished_run(trained_run, tmp_path):
-    import shutil
-
+def test_resume_extends_a_finished_run(tiny_root, tmp_path):
+    """A step schedule follows a longer run (cosine refuses: tests/test_resume_record.py)."""
     run = tmp_path / "ext"
-    shutil.copytree(trained_run, run)
+    assert main(_train_cmd(tiny_root, run, 2, "-o", "optim.sched=step")[3:]) == 0
     assert main(["train", "--out", str(run), "--resume", "-o", "train.epochs=3", "--no-progress"]) == 0
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
     assert load_state(run / "last.pt")["epoch"] == 3
@@ -313,8 +312,10 @@ def test_accumulation_averages_over_real_images(tmp_path):
     _assert_same_student(t, expected)
 
 
-def test_run_stage_reuses_finished_resumes_interrupted_and_starts_new(tmp_path):
+def test_run_stage_reuses_finished_resumes_interrupted_and_starts_new(tmp_path, tiny_root):
     """One helper decides for demo arms, SSLD stages and born-again generations."""
+    from kdistill.config import Config, build_config
+    from kdistill.engine import record
     from kdistill.engine.run import run_stage
     from kdistill.errors import UserError
 
@@ -324,20 +325,21 @@ def test_run_stage_reuses_finished_resumes_interrupted_and_starts_new(tmp_path):
         calls.append(resume)
         return {"started": resume}
 
+    def config(*extra):
+        return build_config(Config, overrides=[f"data.root={tiny_root}", *extra])
+
     out = tmp_path / "stage"
-    assert run_stage(out, 2, start, "s") == {"started": False}  # nothing there: start
+    assert run_stage(out, config("train.epochs=2"), start, "s") == {"started": False}  # nothing there: start
     out.mkdir()
     (out / "last.pt").write_bytes(b"")
-    assert run_stage(out, 2, start, "s") == {"started": True}  # interrupted: resume
+    step = config("train.epochs=2", "optim.sched=step")
+    record.write(out, config("train.epochs=1", "optim.sched=step"), record.new_record(step))
+    assert run_stage(out, step, start, "s") == {"started": True}  # interrupted: resume
     (out / "summary.json").write_text(json.dumps({"epochs": 1}))
-    assert run_stage(out, 2, start, "s") == {"started": True}  # finished shorter: resume
+    assert run_stage(out, step, start, "s") == {"started": True}  # finished shorter: resume
     (out / "summary.json").write_text(json.dumps({"epochs": 2}))
-    assert run_stage(out, 2, start, "s") == {"epochs": 2}  # finished: reused
+    assert run_stage(out, step, start, "s") == {"epochs": 2}  # finished: reused
     assert calls == [False, True, True]
-    assert run_stage(out, 2, start, "s", reuse=lambda s: False) == {"started": True}
+    with pytest.raises(UserError, match=r"optim.sched \(step -> cosine\)"):
+        run_stage(out, config("train.epochs=2"), start, "s")  # other settings: refused
 
-    def refuse(summary):
-        raise UserError("another size")
-
-    with pytest.raises(UserError, match="another size"):
-        run_stage(out, 2, start, "s", reuse=refuse)

@@ -139,6 +139,14 @@ def test_ssld_command_runs_stages_and_reuses_them(tiny_root, trained_run, tmp_pa
     assert main(args) == 0  # everything finished: reused, not retrained
     assert (out / "distill" / "last.pt").stat().st_mtime_ns == stamp
     assert "reusing" in capsys.readouterr().err
+    # another --top-k (or model, epochs, pool) into the same --out: refused before anything is touched
+    config = (out / "config.yaml").read_text()
+    top3 = [a if a != "4" else "3" for a in args]
+    assert main(top3) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ssld.top_k (4 -> 3)" in err and "new --out" in err
+    assert (out / "config.yaml").read_text() == config
+    assert (out / "distill" / "last.pt").stat().st_mtime_ns == stamp
 
 
 def test_ssld_config_yamls_repeat_the_run_and_its_stages(tiny_root, trained_run, tmp_path):

@@ -8,6 +8,7 @@ stage above), which this module does not import. ``views`` (replayable views) an
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import DataConfig
 from ..errors import UserError
 from ..images import read_image
-from .sources import UNLABELED, Source, open_source, open_unlabeled, stratified_subset
+from .sources import UNLABELED, Source, open_source, open_unlabeled, stratified_subset, unreadable_reason
 from .transforms import Preprocessing, eval_transform, train_transform
 
 IN_MEMORY_AUTO_BYTES = 3 * 2**30  # decode into RAM when the split fits in this
@@ -49,8 +50,10 @@ def open_splits(cfg: DataConfig, need_val: bool = True) -> Splits:
         train = stratified_subset(train, cfg.max_train_images)
     if val is not None and cfg.max_val_images:
         val = stratified_subset(val, cfg.max_val_images)
+    if val is not None:
+        first_readable(val)  # a val list whose paths all miss fails here, not as NaN accuracy
     if cfg.ignore_labels:
-        train = Source(train.name, train.classes, [UNLABELED] * len(train), train.paths, train.array, train.bad)
+        train = dataclasses.replace(train, labels=[UNLABELED] * len(train))
     unlabeled = open_unlabeled(cfg.unlabeled, train.classes) if cfg.unlabeled else None
     train, val, unlabeled = (decode_into_memory(s, cfg.workers) if s is not None and want_in_memory(s, cfg.in_memory)
                              else s for s in (train, val, unlabeled))
@@ -58,11 +61,20 @@ def open_splits(cfg: DataConfig, need_val: bool = True) -> Splits:
 
 
 def native_size(source: Source) -> int:
-    for i in range(min(len(source), 16)):
-        img = source.load(i)
+    return int(min(first_readable(source).shape[-2:]))
+
+
+def first_readable(source: Source, n: int = 16) -> torch.Tensor:
+    """The first readable one of the first ``n`` images, else a :class:`UserError` that says
+    where they were looked for and why the first failed."""
+    why = ""
+    for i in range(min(len(source), n)):
+        img, reason = source.read(i)
         if img is not None:
-            return int(min(img.shape[-2:]))
-    raise UserError(f"none of the first images of split '{source.name}' can be read")
+            return img
+        why = why or reason
+    raise UserError(f"none of the first {min(len(source), n)} images of split '{source.name}' can be "
+                    f"read: {source.where(why)}")
 
 
 def want_in_memory(source: Source, mode: str) -> bool:
@@ -92,7 +104,8 @@ def decode_into_memory(source: Source, workers: int = 2) -> Source:
                 images.append(torch.from_numpy(img))
                 keep.append(i)
     if not keep:
-        raise UserError(f"none of the {len(source)} images of split '{source.name}' could be read")
+        raise UserError(f"none of the {len(source)} images of split '{source.name}' could be read: "
+                        f"{source.where(next(iter(bad[len(source.bad):]), ('', ''))[1])}")
     shapes = {tuple(im.shape) for im in images}
     array = torch.stack(images) if len(shapes) == 1 else images
     out = source.subset(keep)
@@ -111,7 +124,7 @@ class _RawFiles(Dataset):
         try:  # numpy, not a tensor: tensors cross processes as one file descriptor each
             return i, read_image(self.source.paths[i]).numpy(), ""
         except Exception as err:  # noqa: BLE001
-            return i, None, f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            return i, None, unreadable_reason(err)
 
 
 # ------------------------------------------------------------------ preprocessing
@@ -148,7 +161,8 @@ def channel_stats(source: Source, max_images: int = 5000) -> tuple[list[float], 
         total_sq += (x * x).sum(1)
         count += x.shape[1]
     if count == 0:
-        raise UserError(f"no readable image in split '{source.name}' to compute statistics from")
+        raise UserError(f"no readable image in split '{source.name}' to compute statistics from: "
+                        f"{source.where()}")
     mean = total / count
     std = (total_sq / count - mean**2).clamp_min(1e-12).sqrt()
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
@@ -159,7 +173,8 @@ def channel_stats(source: Source, max_images: int = 5000) -> tuple[list[float], 
 
 class ImageDataset(Dataset):
     """Yields ``{"image": uint8 CHW after transform, "target": int, "index": int}`` or, for an
-    unreadable file, ``{"skipped": path}`` (the collate function drops and counts those)."""
+    unreadable file, ``{"skipped": path, "reason": why}`` (the collate function drops and
+    lists those); ``dropped``: ``(path, reason)`` of the files dropped when decoding into RAM."""
 
     def __init__(self, source: Source, transform: Callable | None = None) -> None:
         self.source = source
@@ -172,10 +187,14 @@ class ImageDataset(Dataset):
     def classes(self) -> list[str]:
         return self.source.classes
 
+    @property
+    def dropped(self) -> list[tuple[str, str]]:
+        return list(self.source.bad)
+
     def __getitem__(self, i: int) -> dict:
-        img = self.source.load(i)
+        img, why = self.source.read(i)
         if img is None:
-            return {"skipped": self.source.describe(i)}
+            return {"skipped": self.source.describe(i), "reason": why}
         if self.transform is not None:
             img = self.transform(img)
         return {"image": img, "target": self.source.labels[i], "index": i}
@@ -198,6 +217,10 @@ class MixedDataset(Dataset):
     @property
     def classes(self) -> list[str]:
         return self.labeled.classes
+
+    @property
+    def dropped(self) -> list[tuple[str, str]]:
+        return self.labeled.dropped + self.unlabeled.dropped
 
     def __getitem__(self, i: int) -> dict:
         if i < self.n_labeled:

@@ -1,12 +1,14 @@
 """Stage 3 of the data pipeline, how batches are formed: samplers (shuffled and replayable,
 distributed, sharded for evaluation, labeled + unlabeled at a set ratio), collation, the
-DataLoaders and batch-level mixup.
+DataLoaders, batch-level mixup, and the list of the unreadable images a run skipped.
 
 Items come from ``datasets`` (the stage below); this module never opens files itself.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
@@ -14,16 +16,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from .. import distributed as dist
 from ..config import DataConfig
 from ..errors import UserError
+from ..utils import atomic_write_text
 from .datasets import ImageDataset
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack good samples (images, targets, indices and any extra tensors, e.g. a teacher's
-    outputs or its own view); unreadable ones are listed under ``"skipped"``.
-    ``"labeled"`` says, as a Python bool, whether every image has a label (target >= 0), so
-    that nobody has to ask the device."""
+    outputs or its own view); unreadable ones are listed under ``"skipped"`` (paths) and
+    ``"skipped_why"`` (reasons). ``"labeled"`` says, as a Python bool, whether every image
+    has a label (target >= 0), so that nobody has to ask the device."""
     good = [s for s in samples if "skipped" not in s]
-    batch: dict = {"skipped": [s["skipped"] for s in samples if "skipped" in s]}
+    bad = [s for s in samples if "skipped" in s]
+    batch: dict = {"skipped": [s["skipped"] for s in bad],
+                   "skipped_why": [s.get("reason") or "unreadable" for s in bad]}
     if good:
         batch["image"] = torch.stack([s["image"] for s in good])
         batch["labeled"] = all(s["target"] >= 0 for s in good)
@@ -155,3 +160,62 @@ def make_mixer(cfg: DataConfig, num_classes: int):
 
     return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
                  label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+# ------------------------------------------------------------------ unreadable images
+
+
+def skipped_in(batch: dict) -> Iterator[tuple[str, str]]:
+    """``(path, reason)`` of each unreadable image of a collated batch."""
+    paths = batch.get("skipped", [])
+    yield from zip(paths, batch.get("skipped_why") or ["unreadable"] * len(paths))
+
+
+def dropped(data) -> list[tuple[str, str]]:
+    """``(path, reason)`` of the images the sources of ``data`` (a loader or dataset, through
+    ``.dataset`` wrappers) dropped when decoding into RAM: the loader never sees those."""
+    while data is not None:
+        if hasattr(data, "dropped"):
+            return list(data.dropped)
+        if not hasattr(data, "dataset"):
+            break
+        data = data.dataset
+    return list(getattr(getattr(data, "source", None), "bad", None) or [])
+
+
+class SkipLog:
+    """The unreadable images of a run, each listed once in ``path`` (``RUN/skipped.txt``, one
+    ``<path>\t<split>\t<reason>`` line per image), rewritten atomically by rank 0 when a new
+    one turns up. :meth:`add` gathers every rank's images (call it on every rank)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.entries: dict[str, tuple[str, str]] = {}
+
+    def start(self, resumed: bool) -> None:
+        """A resumed run keeps the images listed before; a new one drops a stale list."""
+        if not dist.is_main() or not self.path.is_file():
+            return
+        if not resumed:
+            self.path.unlink()
+            return
+        for line in self.path.read_text().splitlines():
+            path, split, why = (line.split("\t") + ["", ""])[:3]
+            self.entries.setdefault(path, (split, why))
+
+    def add(self, split: str, skipped: Iterable[tuple[str, str]]) -> int:
+        """Record this rank's ``(path, reason)`` pairs of ``split``; -> how many distinct images
+        they are over all ranks."""
+        met = {p: " ".join(why.split()) for p, why in skipped}
+        if dist.is_distributed():  # once per epoch or evaluation, on the host
+            import torch.distributed as td
+
+            parts: list = [None] * dist.world_size()
+            td.all_gather_object(parts, met)
+            met = {p: why for part in parts for p, why in part.items()}
+        new = {p: (split, why) for p, why in met.items() if p not in self.entries}
+        if new:
+            self.entries.update(new)
+            if dist.is_main():
+                atomic_write_text(self.path, "".join(f"{p}\t{s}\t{w}\n" for p, (s, w) in self.entries.items()))
+        return len(met)

@@ -2,8 +2,8 @@
 unlabeled folders, Fashion-MNIST, and the split of a data ROOT each comes from.
 
 A source maps an index to ``(uint8 CHW RGB tensor | None, label)``: ``None`` marks an
-unreadable file, which loaders skip and count instead of failing. Items and batches are
-made above this module (``datasets``, then ``loader``); it imports neither.
+unreadable file (:meth:`Source.read` says why), which loaders skip and count instead of
+failing. Items and batches are made above this module (``datasets``, then ``loader``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..images import read_image
+from ..images import UnreadableImage, read_image
+from ..utils import first_line
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -39,6 +40,7 @@ class Source:
     paths: list[str] = field(default_factory=list)
     array: torch.Tensor | list[torch.Tensor] | None = None  # decoded images (N, C, H, W)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) dropped at load
+    origin: str = ""  # where the paths come from, for error messages (a list file and its base)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -48,16 +50,26 @@ class Source:
         return self.array is not None
 
     def load(self, i: int) -> torch.Tensor | None:
+        return self.read(i)[0]
+
+    def read(self, i: int) -> tuple[torch.Tensor | None, str]:
+        """``(image, "")``, or ``(None, reason)`` for an unreadable file."""
         if self.array is not None:
             img = self.array[i]
-            return img.expand(3, -1, -1) if img.shape[0] == 1 else img
+            return (img.expand(3, -1, -1) if img.shape[0] == 1 else img), ""
         try:
-            return read_image(self.paths[i])
-        except Exception:  # noqa: BLE001 - any decode failure means "skip this file"
-            return None
+            return read_image(self.paths[i]), ""
+        except Exception as err:  # noqa: BLE001 - any decode failure means "skip this file"
+            return None, unreadable_reason(err)
 
     def describe(self, i: int) -> str:
         return self.paths[i] if self.paths else f"{self.name}[{i}]"
+
+    def where(self, why: str = "") -> str:
+        """The first image's path (and ``why`` it failed) and where paths come from, for an error."""
+        first = f"the first is '{os.path.abspath(self.paths[0])}'" if self.paths else f"split '{self.name}'"
+        first += f" ({why})" if why else ""
+        return f"{first}; {self.origin}" if self.origin else first
 
     def subset(self, indices: list[int]) -> "Source":
         arr = None
@@ -66,7 +78,13 @@ class Source:
         elif self.array is not None:
             arr = [self.array[i] for i in indices]
         return Source(self.name, self.classes, [self.labels[i] for i in indices],
-                      [self.paths[i] for i in indices] if self.paths else [], arr, self.bad)
+                      [self.paths[i] for i in indices] if self.paths else [], arr, self.bad, self.origin)
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """One line saying why a file could not be decoded (its error's first line)."""
+    text = first_line(err)
+    return text if isinstance(err, UnreadableImage) else f"{type(err).__name__}: {text}"
 
 
 # ------------------------------------------------------------------ ImageFolder / list files
@@ -168,7 +186,8 @@ def read_list(path: Path, name: str, classes: list[str] | None = None,
         classes = read_class_map(class_map) if class_map else [str(i) for i in range(max(labels) + 1)]
     if max(labels) >= len(classes):
         raise UserError(f"list file '{path}' has label {max(labels)} but only {len(classes)} classes")
-    return Source(name, classes, labels, paths)
+    origin = f"list file '{path}' resolves relative paths against '{os.path.abspath(base)}'"
+    return Source(name, classes, labels, paths, origin=origin)
 
 
 def open_split(spec: str, name: str, classes: list[str] | None = None,
@@ -328,25 +347,38 @@ def fashion_mnist(split: str) -> Source:
 # ------------------------------------------------------------------ a split of a data ROOT
 
 
-def split_spec(root: str, split: str, explicit: str | None = None) -> str | None:
-    """Where ``split`` lives: explicit path, ``ROOT/<split>``, a ``ROOT/<split>_list.txt`` or
-    the sibling of a list-file ROOT with 'train' replaced by the split name."""
-    if explicit:
-        return explicit
+def split_candidates(root: str, split: str) -> list[Path]:
+    """The paths :func:`split_spec` tries for ``split``: ``ROOT/<split>``, ``<split>_list.txt``,
+    ``<split>.txt`` in a folder ROOT; a list-file ROOT itself for 'train', else its sibling
+    with 'train' in the name replaced by the split (none when the name has no 'train')."""
     p = Path(root)
     if p.is_dir():
-        for cand in (p / split, p / f"{split}_list.txt", p / f"{split}.txt"):
-            if cand.exists():
-                return str(cand)
-        return None
+        return [p / split, p / f"{split}_list.txt", p / f"{split}.txt"]
     if p.is_file():
         if split == "train":
-            return str(p)
+            return [p]
         if "train" in p.name:
-            sib = p.with_name(p.name.replace("train", split))
-            if sib.exists():
-                return str(sib)
-    return None
+            return [p.with_name(p.name.replace("train", split))]
+    return []
+
+
+def split_spec(root: str, split: str, explicit: str | None = None) -> str | None:
+    """Where ``split`` lives: ``explicit``, else the first :func:`split_candidates` that exists."""
+    if explicit:
+        return explicit
+    return next((str(c) for c in split_candidates(root, split) if c.exists()), None)
+
+
+def missing_split(root: str, split: str) -> UserError:
+    """The error for a ROOT without ``split``, naming what was looked for."""
+    looked = split_candidates(root, split)
+    if Path(root).is_dir():
+        return UserError(f"data root '{root}' has no '{split}' split (expected {looked[0]}/<class>/<image>, "
+                         f"{looked[1]} or {looked[2]})")
+    where = (f"looked for the {split} list '{looked[0]}'" if looked else f"a {split} list is looked for "
+             f"beside it only when its name contains 'train' (train_list.txt -> {split}_list.txt)")
+    return UserError(f"data root '{root}' (a list file) has no '{split}' split: {where}"
+                     + (f"; or pass it with -o data.{split}=LIST" if split in ("val", "test") else ""))
 
 
 def open_source(root: str, split: str, explicit: str | None = None,
@@ -363,8 +395,7 @@ def open_source(root: str, split: str, explicit: str | None = None,
     spec = split_spec(root, split, explicit)
     if spec is None:
         if required:
-            raise UserError(f"data root '{root}' has no '{split}' split "
-                            f"(expected {root}/{split}/<class>/<image> or {split}_list.txt)")
+            raise missing_split(root, split)
         return None
     return open_split(spec, split, classes, class_map)
 

@@ -54,7 +54,8 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
         raise UserError("a cache stores one distribution over the data's classes; teachers over "
                         "class subsets need -o distill.merge=concat")
     compile_teachers(teacher, cfg.distill.teacher_runtime, device,
-                     lambda: first_images(eval_dataset(src, teacher.preprocessing)))
+                     lambda: first_images(eval_dataset(src, teacher.preprocessing)),
+                     batch_size=cfg.eval.batch_size)
     size = teacher.size
     spec = ViewSpec.from_data(cfg.data, size, splits.native_size, mix)
     ident = {"teachers": [teacher_identity(t) for t in cfg.distill.teachers]}

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 
 from .. import distributed as dist
-from ..config import Config, TeacherRuntime, _check, dump_yaml
+from ..config import Config, TeacherRuntime, _check
 from ..console import log
 from ..errors import UserError
 from ..losses import LOSSES, Shapes, build_loss
@@ -20,7 +20,7 @@ from ..methods.distill import Distill, LossBank, TermSpec
 from ..methods.teachers import EmaTeacher, FrozenTeachers, StoredOutputs, TeacherSource, load_teachers
 from ..models.hooks import FeatureCapture, pair_layers
 from ..utils import resolve_device, write_json
-from . import precision
+from . import precision, record
 from .evaluate import Agreement
 from .run import RunContext, copy_checkpoints, fit, prepare, run_folder, run_stage, train
 
@@ -62,6 +62,13 @@ class DistillConfig(Config):
 
 
 def parse_terms(sd: DistillSection) -> list[TermSpec]:
+    """``distill.losses`` as terms; a loss given twice, a weight after '=' or settings for an
+    unknown loss are a :class:`UserError`."""
+    for text in sd.losses:
+        name, eq, weight = text.partition("=")
+        if eq and ":" not in text:
+            raise UserError(f"loss '{text}': the form is NAME:WEIGHT, e.g. --loss {name.strip()}:"
+                            f"{weight.strip() or '0.9'} (a colon, not '=')")
     terms = [TermSpec.parse(t, sd.warmup_epochs) for t in sd.losses]
     names = [t.name for t in terms]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -78,7 +85,9 @@ def parse_terms(sd: DistillSection) -> list[TermSpec]:
 
 def build_teacher(ctx: RunContext, sd: DistillSection) -> TeacherSource | None:
     """The teacher the config names: frozen models, the EMA self-teacher, or None (a
-    soft-label cache replays stored outputs; no teacher with label terms only)."""
+    soft-label cache replays stored outputs; no teacher with label terms only). Teachers
+    over class subsets are described in one line, with a warning for classes none covers."""
+    terms = parse_terms(sd)  # a mistyped --loss fails before any teacher loads
     if sd.soft_labels:
         return None
     if sd.self_distill == "ema":
@@ -87,11 +96,22 @@ def build_teacher(ctx: RunContext, sd: DistillSection) -> TeacherSource | None:
         return EmaTeacher(ctx.student, ctx.student_prep(), round(sd.self_start * ctx.cfg.train.epochs),
                           sd.self_decay)
     if not sd.teachers:
-        if any(LOSSES.get(t.name).needs_teacher for t in parse_terms(sd)):
+        if any(LOSSES.get(t.name).needs_teacher for t in terms):
             raise UserError("distill needs --teacher RUN_OR_CKPT (or --self-distill ema|born_again)")
         return None
-    return load_teachers(sd.teachers, ctx.classes, ctx.device, sd.teacher_weights, sd.ensemble,
-                         sd.merge, ctx.cfg.model.channels_last)
+    teacher = load_teachers(sd.teachers, ctx.classes, ctx.device, sd.teacher_weights, sd.ensemble,
+                            sd.merge, ctx.cfg.model.channels_last)
+    if teacher.merged:
+        line, missing = teacher.coverage()
+        log(line)
+        if missing:
+            names = ", ".join(ctx.classes[i] for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            labels = [str(t) for t in terms if not LOSSES.get(t.name).label_free and t.weight > 0]
+            fate = (f"they learn from the labels alone ({', '.join(labels)})" if labels else
+                    "no loss term uses labels, so the student learns nothing of them (add e.g. --loss ce:0.1)")
+            log(f"warning: {len(missing)} of the student's {len(ctx.classes)} classes are covered by no "
+                f"teacher ({names}): {fate}")
+    return teacher
 
 
 def build_method(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | None) -> tuple[Distill, int]:
@@ -128,7 +148,7 @@ def build_method(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | N
         tc = ctx.cfg.train
         compile_teachers(teacher, sd.teacher_runtime, ctx.device,
                          lambda: first_images(eval_dataset(ctx.splits.train, teacher.preprocessing)),
-                         precision.resolve(ctx.device, tc.amp, tc.amp_dtype).dtype)
+                         precision.resolve(ctx.device, tc.amp, tc.amp_dtype).dtype, tc.batch_size)
     if sd.soft_labels or sd.view == "fixed":
         origin = teacher.describe() if teacher is not None else [
             {"teacher": t, "soft_labels": sd.soft_labels} for t in sd.teachers or ["cache"]]
@@ -253,9 +273,9 @@ def born_again(cfg: DistillConfig) -> dict:
 
 def _born_again(cfg: DistillConfig) -> dict:
     out = run_folder(cfg)
-    if dist.is_main():  # `kdistill distill -c <out>/config.yaml` repeats every generation
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
+    # finished generations are reused only with the same settings; `kdistill distill -c
+    # <out>/config.yaml` repeats every generation
+    record.write(out, cfg, record.check(out, cfg, "born-again run", compare=record.has_work(out)))
     teachers = list(cfg.distill.teachers)
     rows = []
     for g in range(1, cfg.distill.generations + 1):
@@ -264,14 +284,16 @@ def _born_again(cfg: DistillConfig) -> dict:
         gcfg.distill.self_distill = "none"
         gcfg.distill.teachers = teachers
 
-        def start(resume: bool) -> dict:  # called at once, within this iteration
-            gcfg.train.resume = resume
-            log(f"[gen{g}] {'distilling from ' + ', '.join(teachers) if teachers else 'training on labels'}")
-            # without a teacher, generation 1 is a plain `kdistill train` run, and its
-            # config.yaml a train config (`kdistill train -c` refuses a distill section)
-            return distill(gcfg) if teachers else train(narrow(gcfg, Config))
+        # without a teacher, generation 1 is a plain `kdistill train` run, and its
+        # config.yaml a train config (`kdistill train -c` refuses a distill section)
+        stage = gcfg if teachers else narrow(gcfg, Config)
 
-        summary = run_stage(out / f"gen{g}", cfg.train.epochs, start, f"gen{g}", "generation")
+        def start(resume: bool) -> dict:  # called at once, within this iteration
+            stage.train.resume = resume
+            log(f"[gen{g}] {'distilling from ' + ', '.join(teachers) if teachers else 'training on labels'}")
+            return distill(stage) if teachers else train(stage)
+
+        summary = run_stage(out / f"gen{g}", stage, start, f"gen{g}", "generation")
         rows.append({"generation": g, "teacher": teachers[0] if teachers else None,
                      "best": summary.get("best", {})})
         teachers = [str(out / f"gen{g}")]

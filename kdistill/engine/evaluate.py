@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol
@@ -14,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as dist
+from ..console import log
+from ..data.loader import dropped, skipped_in
 from ..data.transforms import tta_views
 from ..utils import write_json
 
@@ -28,6 +32,7 @@ class EvalResult:
     per_class: list[float]
     confusion: list[list[int]]
     extra: dict = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this rank's
 
     def summary(self) -> dict:
         return {"top1": self.top1, "top5": self.top5, "mpa": self.mpa, "n": self.n,
@@ -160,13 +165,15 @@ def evaluate(model: nn.Module, prep: nn.Module, loader: Iterable[dict], num_clas
     """Evaluate ``model`` (called on ``prep(images)``) over ``loader``.
 
     ``on_batch(batch, probs)`` lets callers add their own statistics (e.g. agreement).
+    Unreadable images (met in ``loader`` on any rank, or dropped when decoding into RAM)
+    are counted in ``extra["skipped"]`` and listed in ``result.skipped``.
     """
     was_training = model.training
     model.eval()
     acc = Accumulator(num_classes, device)
-    skipped = 0
+    met: dict[str, str] = {}
     for batch in loader:
-        skipped += len(batch["skipped"])
+        met.update(skipped_in(batch))
         if "image" not in batch:
             continue
         x = batch["image"].to(device, non_blocking=True)
@@ -178,23 +185,36 @@ def evaluate(model: nn.Module, prep: nn.Module, loader: Iterable[dict], num_clas
             on_batch(batch, probs)
     model.train(was_training)
     result = acc.compute()
-    if skipped:
-        result.extra["skipped"] = skipped
+    gone = dropped(loader)  # the same on every rank; each image is met on one rank only
+    result.skipped = gone + list(met.items())
+    n_met = int(dist.all_reduce_sum(torch.tensor(len(met), device=device))) if dist.is_distributed() else len(met)
+    if gone or n_met:
+        result.extra["skipped"] = len(gone) + n_met
     return result
 
 
 def write_report(result: EvalResult, classes: list[str], out_dir: str | Path,
                  extra: dict | None = None) -> Path:
-    """metrics.json, per_class.csv, confusion.csv and confusion.png in ``out_dir``."""
+    """metrics.json, per_class.csv, confusion.csv and confusion.png in ``out_dir``.
+
+    A class without images in the split has no accuracy: ``null`` in metrics.json (strict
+    JSON, with a ``note`` naming those classes), an empty cell in per_class.csv, and a line."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", {**result.summary(), **(extra or {}),
-                                      "per_class": dict(zip(classes, result.per_class))})
+    doc = {**result.summary(), **(extra or {}), "per_class": dict(zip(classes, result.per_class))}
+    empty = [c for c, row in zip(classes, result.confusion) if sum(row) == 0]
+    if empty:
+        shown = ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else "")
+        doc["note"] = (f"{len(empty)} class(es) have no images in this split, so no accuracy (per_class "
+                       f"null; mpa averages the other classes): {shown}")
+        doc["classes_without_images"] = empty
+        log(f"note: {doc['note']}")
+    write_json(out / "metrics.json", doc)
     with open(out / "per_class.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["class", "accuracy", "images"])
         for c, acc, row in zip(classes, result.per_class, result.confusion):
-            w.writerow([c, f"{acc:.6f}", sum(row)])
+            w.writerow([c, f"{acc:.6f}" if math.isfinite(acc) else "", sum(row)])
     with open(out / "confusion.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["true\\pred", *classes])

@@ -1,7 +1,7 @@
 """Which precision a run trains in, chosen from the hardware, never assumed.
 
 ``train.amp = auto`` (the default) turns autocast on only where it is fast: on CUDA (bf16
-where the GPU supports it, else fp16 with a GradScaler) and on CPUs with native bf16
+on GPUs of compute capability 8 or more, else fp16 with a GradScaler) and on CPUs with native bf16
 (AVX512-BF16 or AMX). On a CPU without it (e.g. AVX2 only) oneDNN emulates bf16 and
 autocast runs ~10x slower than fp32 (resnet20, batch 128, 2 threads: 21 vs 240 img/s), so
 ``auto`` picks fp32 there. ``true`` forces autocast (with a warning where it is emulated);
@@ -72,15 +72,23 @@ class Precision:
         return row
 
 
+def cuda_native_bf16(device: torch.device) -> bool:
+    """True when the GPU computes bf16 natively: compute capability 8.0 or more (Ampere on).
+    ``torch.cuda.is_bf16_supported()`` is not this: by default it also answers yes on GPUs
+    that only emulate bf16 (T4, V100), where fp16 with a GradScaler is the fast choice."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def resolve(device: torch.device, amp: bool | str = "auto", amp_dtype: str = "auto") -> Precision:
     """``train.amp`` (``auto`` | True | False) and ``train.amp_dtype`` -> :class:`Precision`."""
     if amp is False:
         return Precision(None, "train.amp=false")
     if device.type == "cuda":
         if amp_dtype == "auto":
-            bf16 = torch.cuda.is_bf16_supported()
+            bf16 = cuda_native_bf16(device)
+            major, minor = torch.cuda.get_device_capability(device)
             return Precision(torch.bfloat16 if bf16 else torch.float16,
-                             f"CUDA {'with' if bf16 else 'without'} bf16 support")
+                             f"CUDA compute capability {major}.{minor} {'with' if bf16 else 'without'} native bf16")
         return Precision(torch.bfloat16 if amp_dtype == "bf16" else torch.float16, f"train.amp_dtype={amp_dtype}")
     if device.type != "cpu":
         if amp == "auto":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import distributed as dist
-from ..config import Config, DataConfig, EvalConfig, TeacherRuntime, TrainConfig, dump_yaml
+from ..config import Config, DataConfig, EvalConfig, TeacherRuntime, TrainConfig
 from ..console import log
 from ..data.datasets import Splits, eval_dataset, open_splits, resolve_preprocessing, train_dataset
 from ..data.loader import EpochLoader, eval_loader, make_mixer
@@ -23,6 +24,7 @@ from ..methods.supervised import Supervised
 from ..models import create_model, default_preprocessing
 from ..models.checkpoint import meta_preprocessing, read_meta, resolve_checkpoint
 from ..utils import atomic_write, ensure_writable_dir, resolve_device, seed_everything
+from . import record
 from .evaluate import EvalHook
 from .trainer import Trainer
 
@@ -37,6 +39,8 @@ class RunContext:
     splits: Splits
     student: nn.Module
     preprocessing: Preprocessing
+    record: dict | None = None  # what <out>/run.json says of this run (engine/record.py; rank 0)
+    announce: Callable[[], None] | None = None  # logs the student line (models/describe.py)
 
     @property
     def classes(self) -> list[str]:
@@ -65,7 +69,6 @@ def check_out(out: Path, resume: bool) -> None:
 def copy_checkpoints(src: Path, dst: Path) -> None:
     """Copy a finished stage's ``best``/``last.safetensors`` up to the folder of the whole
     run (ssld, born-again), atomically."""
-    import functools
     import shutil
 
     for name in ("best.safetensors", "last.safetensors"):
@@ -73,20 +76,19 @@ def copy_checkpoints(src: Path, dst: Path) -> None:
             atomic_write(dst / name, functools.partial(shutil.copyfile, src / name))
 
 
-def run_stage(out: Path, epochs: int, start: Callable[[bool], dict], name: str, what: str = "run",
-              reuse: Callable[[dict], bool] | None = None) -> dict:
+def run_stage(out: Path, cfg: Config, start: Callable[[bool], dict], name: str, what: str = "run") -> dict:
     """Reuse a finished run folder ``out``, resume an interrupted one, else start it.
 
-    Returns ``out``'s summary when it finished and ``reuse(summary)`` holds (default: it ran
-    ``epochs`` epochs; ``reuse`` may raise to refuse a finished run outright, in a
-    single process only: under torchrun the other ranks would wait), else
-    ``start(resume)``, with ``resume`` true when ``out`` holds a checkpoint to continue.
-    Under torchrun every rank takes rank 0's decision: a rank that reused while another
-    trained would hang."""
+    ``cfg`` is the stage's config: a finished or interrupted stage made with other settings
+    or data is refused first (:func:`record.check`). Returns ``out``'s summary when it
+    finished ``cfg.train.epochs`` epochs, else ``start(resume)``, with ``resume`` true when
+    ``out`` holds a checkpoint to continue. Under torchrun every rank takes rank 0's
+    decision: a rank that reused while another trained would hang."""
+    record.check(out, cfg, what, compare=(out / "last.pt").is_file())
     done = None
     if dist.is_main() and (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
-        done = summary if (reuse(summary) if reuse else summary.get("epochs") == epochs) else None
+        done = summary if summary.get("epochs") == cfg.train.epochs else None
     done, resume = dist.broadcast_object((done, (out / "last.pt").exists()))
     if done is not None:
         log(f"[{name}] reusing finished {what} {out}")
@@ -103,6 +105,7 @@ def prepare(cfg: Config) -> RunContext:
     check_out(out, cfg.train.resume)
     if not cfg.data.root and not cfg.data.train:
         raise UserError("no training data given; pass --data ROOT (a folder, list file or fashion-mnist)")
+    rec = record.check(out, cfg, compare=cfg.train.resume and (out / "last.pt").is_file())
     seed_everything(cfg.train.seed)
     splits = open_splits(cfg.data)
     mc = cfg.model
@@ -112,14 +115,19 @@ def prepare(cfg: Config) -> RunContext:
     if mc.checkpoint:
         model_default = meta_preprocessing(read_meta(resolve_checkpoint(mc.checkpoint)))
     else:
-        model_default = default_preprocessing(student, mc.pretrained)
+        model_default = default_preprocessing(student, mc.pretrained, quiet=True)
     pp = resolve_preprocessing(cfg.data, splits, model_default)
+    from ..models.describe import announce_student  # the one line: model, size, mean/std, crop
+
+    # said when training starts, after every check that can stop the run (one line then)
+    announce = functools.partial(announce_student, mc.name, student, pp, cfg.data, model_default,
+                                 splits.native_size)
     student = student.to(device)
     if mc.channels_last:
         student = student.to(memory_format=torch.channels_last)
     if mc.compile:
         student.compile()  # in place: parameter names (and checkpoints) stay those of the model
-    return RunContext(cfg, device, out, splits, student, pp)
+    return RunContext(cfg, device, out, splits, student, pp, rec, announce)
 
 
 def fit(ctx: RunContext, method: Method, meta: dict | None = None, eval_hook: EvalHook | None = None,
@@ -144,9 +152,9 @@ def fit(ctx: RunContext, method: Method, meta: dict | None = None, eval_hook: Ev
     if ctx.splits.val is not None:
         val = eval_loader(eval_dataset(ctx.splits.val, ctx.preprocessing), cfg.eval.batch_size,
                           dc.workers, pin)
-    if dist.is_main():
-        ctx.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, ctx.out / "config.yaml")
+    if ctx.announce is not None:
+        ctx.announce()
+    record.write(ctx.out, cfg, ctx.record)
     dist.barrier()
     trainer = Trainer(cfg, method.to(ctx.device), loader, val, ctx.device, ctx.out, ctx.classes,
                       ctx.preprocessing, make_mixer(dc, len(ctx.classes)), meta, eval_hook)
@@ -165,11 +173,39 @@ def train(cfg: Config) -> dict:
         dist.cleanup()
 
 
-def eval_dir(run_or_ckpt: str, checkpoint: Path, split: str, tta: bool = False) -> Path:
+def eval_dir(run_or_ckpt: str, checkpoint: Path, split: str, tta: bool = False,
+             data: str | None = None) -> Path:
     """Where ``kdistill eval`` reports by default (and ``kdistill report`` caches): a run
-    folder's ``eval-<split>[-tta]/``, or ``eval-<split>[-tta]-<stem>/`` beside a checkpoint file."""
+    folder's ``eval-<split>[-tta]/``, or ``eval-<split>[-tta]-<stem>/`` beside a checkpoint file.
+
+    That folder holds the results on the run's own data (``data.root`` of the
+    ``config.yaml`` beside the checkpoint; without one, the data first evaluated there).
+    Other ``data`` gets ``<folder>-<8 hex digits of its SHA-256>``, so evaluating on other
+    data never overwrites them."""
+    import hashlib
+
+    import yaml
+
     name = f"eval-{split}{'-tta' if tta else ''}"
-    return checkpoint.parent / name if Path(run_or_ckpt).is_dir() else checkpoint.parent / f"{name}-{checkpoint.stem}"
+    base = checkpoint.parent / (name if Path(run_or_ckpt).is_dir() else f"{name}-{checkpoint.stem}")
+    if not data:
+        return base
+
+    def key(root: str) -> str:  # the same data by any path that names it
+        return str(Path(root).resolve()) if Path(root).exists() else str(root)
+
+    own = None  # the run's training data, else the data of the results already there
+    for read in (lambda: yaml.safe_load((checkpoint.parent / "config.yaml").read_text())["data"]["root"],
+                 lambda: json.loads((base / "metrics.json").read_text())["data"]):
+        try:
+            own = read()
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+            continue
+        if own:
+            break
+    if not isinstance(own, str) or not own or key(own) == key(data):
+        return base
+    return base.with_name(f"{base.name}-{hashlib.sha256(key(data).encode()).hexdigest()[:8]}")
 
 
 def evaluate_model(model: nn.Module, meta: dict, source, device: torch.device, tta: bool = EvalConfig.tta,
@@ -194,7 +230,8 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
                  workers: int = DataConfig.workers, device: str = TrainConfig.device,
                  out: str | None = None, teachers: list[str] = (),
                  teacher_runtime: TeacherRuntime = "auto") -> tuple[dict, Path]:
-    """``kdistill eval``: metrics of a checkpoint on one split, with a report folder; with
+    """``kdistill eval``: metrics of a checkpoint on one split, with a report folder (``out``,
+    else :func:`eval_dir`: keyed by the data when it is not the run's own); with
     ``teachers``, also student-teacher agreement and mean KL to the (ensemble) teacher."""
     from ..data.sources import open_source
     from ..models.checkpoint import load_model
@@ -202,7 +239,11 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
 
     dev = resolve_device(device)
     path = resolve_checkpoint(run_or_ckpt)
-    report_dir = Path(out) if out else eval_dir(run_or_ckpt, path, split, tta)
+    report_dir = Path(out) if out else eval_dir(run_or_ckpt, path, split, tta, root)
+    own_dir = eval_dir(run_or_ckpt, path, split, tta)
+    if not out and report_dir != own_dir:  # other data: the run's own results stay
+        log(f"'{root}' is not the data of {own_dir.name}/, which stays as it is: this report "
+            f"goes to {report_dir}")
     if out:
         ensure_writable_dir(report_dir, "--report")
     else:
@@ -219,7 +260,7 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
         # teachers over class subsets are joined by their logits (merge=concat)
         teacher = load_teachers(teachers, meta["classes"], dev, merge="concat")
         compile_teachers(teacher, teacher_runtime, dev,
-                         lambda: first_images(eval_dataset(source, teacher.preprocessing)))
+                         lambda: first_images(eval_dataset(source, teacher.preprocessing)), batch_size=batch_size)
         hook = Agreement(teacher.logits, len(source), meta["num_classes"], dev)
     result = evaluate_model(model, meta, source, dev, tta, batch_size, workers,
                             hook.update if hook else None, f"the '{split}' split of '{root}'")

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import distributed as dist
-from ..config import _check, dump_yaml
+from ..config import _check
 from ..console import log
 from ..errors import UserError
 from ..mining import MineConfig, mine
 from ..utils import atomic_write_text, resolve_device, write_json
-from .distill import DistillConfig, distill, narrow
+from .distill import DistillConfig, DistillSection, distill, narrow, parse_terms
+from . import record
 from .run import copy_checkpoints, run_folder, run_stage
 
 
@@ -82,7 +83,7 @@ def _stage(cfg: DistillConfig, out: Path, name: str) -> dict:
         log(f"[{name}] {'resuming' if resume else 'starting'} {out}")
         return distill(cfg)
 
-    return run_stage(out, cfg.train.epochs, start, name, "stage")
+    return run_stage(out, cfg, start, name, "stage")
 
 
 def default_dedup(root: str) -> list[str]:
@@ -125,10 +126,12 @@ def _ssld(cfg: SSLDConfig) -> dict:
         raise UserError("ssld needs --pool DIR_OR_LIST (the unlabeled images to mine)")
     if len(cfg.distill.teachers) != 1:
         raise UserError("ssld mines with exactly one --teacher")
+    for losses in (sc.losses, sc.finetune_losses):  # a mistyped term stops the run before mining
+        parse_terms(DistillSection(losses=list(losses)))
     out = run_folder(cfg)
-    if dist.is_main():  # `kdistill ssld -c <out>/config.yaml` repeats the recipe
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
+    # stages already done are reused only with the same settings; `kdistill ssld -c
+    # <out>/config.yaml` repeats the recipe
+    record.write(out, cfg, record.check(out, cfg, "ssld run", compare=record.has_work(out)))
     teacher = cfg.distill.teachers[0]
     _check_teacher_classes(cfg, teacher)
     mined = out / "mine" / "mined.txt"

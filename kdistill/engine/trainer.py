@@ -24,6 +24,7 @@ from .. import __version__
 from .. import distributed as dist
 from ..config import Config
 from ..console import log, progress
+from ..data.loader import SkipLog, dropped, skipped_in
 from ..data.transforms import Preprocessing, to_unit
 from ..errors import TrainingError, UserError
 from ..methods.base import Method
@@ -64,7 +65,7 @@ class EpochStats:
     terms: dict[str, float] = field(default_factory=dict)
     images: int = 0
     seconds: float = 0.0
-    skipped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable image -> reason
 
 
 class Trainer:
@@ -81,6 +82,7 @@ class Trainer:
         self.classes, self.preprocessing, self.mixer = classes, preprocessing, mixer
         self.meta = meta or {}
         self.eval_hook = eval_hook
+        self.skips = SkipLog(self.out / "skipped.txt")
         tc = cfg.train
         self.precision = precision_.resolve(device, tc.amp, tc.amp_dtype)
         log(f"precision: {self.precision.name} ({self.precision.reason})")
@@ -202,6 +204,7 @@ class Trainer:
         tc = self.cfg.train
         resumed = tc.resume and self.resume()
         logger = RunLogger(self.out, resume_epoch=self.epoch if resumed else None)
+        self.skips.start(resumed)
         started = time.time()
         last_result: EvalResult | None = None
         try:
@@ -211,7 +214,7 @@ class Trainer:
                 row = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
                        **{f"train.{k}": v for k, v in stats.terms.items()},
                        "train.images_per_s": stats.images / max(stats.seconds, 1e-9),
-                       "train.seconds": stats.seconds, "train.skipped": len(stats.skipped),
+                       "train.seconds": stats.seconds, "train.skipped": self.skips.add("train", stats.skipped.items()),
                        **self.precision.record(self.device)}
                 result = None
                 if self.val_loader is not None and (self.epoch % tc.eval_every == 0 or self.epoch == tc.epochs):
@@ -244,7 +247,7 @@ class Trainer:
         self.train_loader.set_epoch(epoch)
         self.method.train()
         self.method.set_epoch(epoch, tc.epochs)
-        stats = EpochStats()
+        stats = EpochStats(skipped=dict(dropped(self.train_loader)))  # + those met below, on this rank
         sums: dict[str, torch.Tensor] = {}
         params = [p for p in self.method.trainable().parameters() if p.requires_grad]
         n_batches = self._batches_per_epoch()
@@ -263,7 +266,7 @@ class Trainer:
             start = i - i % tc.accum_steps
             window = min(tc.accum_steps, n_batches - start)
             last = i == start + window - 1
-            stats.skipped += batch["skipped"]
+            stats.skipped.update(skipped_in(batch))
             batch = self._to_device(batch) if "image" in batch else None
             n = 0 if batch is None else batch["image"].shape[0]
             images, empty_ranks = self._count_images(n)
@@ -325,8 +328,7 @@ class Trainer:
         """-> (readable images of this micro-batch over all ranks, ranks that have none)."""
         if not dist.is_distributed():
             return n, int(n == 0)
-        counts = dist.all_reduce_sum(torch.tensor([n, int(n == 0)], device=self.device))
-        images, empty = counts.tolist()
+        images, empty = dist.all_reduce_sum(torch.tensor([n, int(n == 0)], device=self.device)).tolist()
         return int(images), int(empty)
 
     def _optimizer_step(self, params: list[nn.Parameter], images: int, nominal: int, synced: bool) -> None:
@@ -377,6 +379,7 @@ class Trainer:
                           self.device, autocast=self.autocast, on_batch=hook.update if hook else None)
         if hook is not None:
             result.extra.update(hook.compute())
+        result.extra["skipped"] = self.skips.add("val", result.skipped)
         return result
 
     def _report_epoch(self, row: dict, stats: EpochStats) -> None:
@@ -385,10 +388,9 @@ class Trainer:
         if "val.top1" in row:
             msg += f"  val top1 {row['val.top1']:.4f}  mpa {row['val.mpa']:.4f}"
         log(msg)
-        load_bad = getattr(getattr(self.train_loader, "dataset", None), "source", None)
-        bad = list(stats.skipped) + [p for p, _ in (load_bad.bad if load_bad else [])]
-        if bad:
-            log(f"warning: {len(bad)} unreadable training image(s) skipped this epoch, e.g. {bad[0]}")
+        if row["train.skipped"] or row.get("val.skipped"):
+            log(f"warning: unreadable images skipped: {row['train.skipped']} training, {row.get('val.skipped', 0)} "
+                f"val (this epoch); listed in {self.skips.path}")
 
     def summary(self, seconds: float, last: EvalResult | None) -> dict:
         rows = RunLogger.read(self.out / "metrics.jsonl") if (self.out / "metrics.jsonl").exists() else []

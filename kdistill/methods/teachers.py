@@ -289,6 +289,28 @@ class FrozenTeachers(TeacherSource):
         return [{"teacher": t.name, "weight": w, **({"classes": t.classes} if t.class_index else {})}
                 for t, w in zip(self.teachers, self.weights)]
 
+    def coverage(self) -> tuple[str, list[int]]:
+        """One line: how many of the student's classes each teacher covers and the rule that
+        joins them; and the student classes (indices) that no teacher covers."""
+        n = self.num_classes or 0
+        covered: set[int] = set()
+        parts = []
+        for t in self.teachers:
+            own = set(range(n)) if t.class_index is None else set(t.class_index)
+            covered |= own
+            parts.append(f"{t.name} covers {len(own)} of the student's {n} classes")
+        rule = JOIN_RULES[f"merge={self.merge}" if self.merged else f"ensemble={self.ensemble}"]
+        return f"teachers: {'; '.join(parts)}; {rule}", sorted(set(range(n)) - covered)
+
+
+#: what :meth:`FrozenTeachers.coverage` says of each way teachers are joined
+JOIN_RULES = {
+    "merge=subset": "distill.merge=subset: each teacher teaches the student's distribution over its own classes",
+    "merge=concat": "distill.merge=concat: the teachers' logits are joined into one distribution over the union",
+    "ensemble=prob": "distill.ensemble=prob: the mean of their probabilities",
+    "ensemble=logit": "distill.ensemble=logit: the mean of their logits",
+}
+
 
 class StoredOutputs(TeacherSource):
     """Teacher outputs that come with the batch (``batch["t_logits"]``): a soft-label cache

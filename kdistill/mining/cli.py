@@ -117,7 +117,7 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
             t.capture = FeatureCapture(t.single.model, [], embed=True, role="teacher")
         pp = t.preprocessing
         compile_teachers(t, cfg.teacher_runtime, dev, lambda: first_images(
-            PoolImages(the_pool.paths, eval_transform(pp.image_size, pp.crop_pct))))
+            PoolImages(the_pool.paths, eval_transform(pp.image_size, pp.crop_pct))), batch_size=cfg.batch_size)
         if dist.is_main():
             _open_work(work, settings)
         dist.barrier()

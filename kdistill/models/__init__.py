@@ -1,7 +1,8 @@
 """create_model: kdistill's CIFAR zoo first, then timm, then torchvision.
 
-Names may carry a source prefix: ``timm:convnext_atto``, ``tv:resnet18``,
-``hf-hub:timm/resnet18.a1_in1k`` (Hugging Face Hub through timm).
+Names may carry a source prefix: ``zoo:vgg13``, ``timm:convnext_atto``, ``tv:resnet18``,
+``hf-hub:timm/resnet18.a1_in1k`` (Hugging Face Hub through timm). Published weights come
+from the local cache when there (``weights.py``), so they work offline.
 """
 from __future__ import annotations
 
@@ -19,24 +20,36 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def resolve_name(name: str) -> tuple[str, str]:
-    """-> (source, bare name) with source in {'zoo', 'timm', 'tv'}."""
+    """-> (source, bare name) with source in {'zoo', 'timm', 'tv'}; ``zoo:NAME`` forces the zoo."""
     import timm
     import torchvision
 
     if name.startswith("hf-hub:"):
         return "timm", name
-    known = {"timm": timm.is_model, "tv": lambda n: n in torchvision.models.list_models()}
-    for prefix, source in (("timm:", "timm"), ("tv:", "tv"), ("torchvision:", "tv")):
+    known = {"zoo": lambda n: n in zoo_names(), "timm": timm.is_model,
+             "tv": lambda n: n in torchvision.models.list_models()}
+    for prefix, source in (("zoo:", "zoo"), ("timm:", "timm"), ("tv:", "tv"), ("torchvision:", "tv")):
         if name.startswith(prefix) and known[source](name[len(prefix):]):
             return source, name[len(prefix):]
     if ":" not in name:
-        if name in zoo_names():
-            return "zoo", name
-        for source in ("timm", "tv"):
+        for source in ("zoo", "timm", "tv"):
             if known[source](name):
                 return source, name
-    raise UserError(f"unknown model '{name}'; see `kdistill list models` (wildcards work: "
-                    f"`kdistill list models '{name.split(':')[-1][:4]}*'`)")
+    raise UserError(_unknown_message(name))
+
+
+def _unknown_message(name: str) -> str:
+    """The registry's 'unknown model' line (with "did you mean") over the names of ``name``'s source."""
+    from ..registry import Registry
+
+    prefix, _, bare = name.rpartition(":")
+    groups = list_models()
+    source = {"zoo": "zoo", "timm": "timm", "tv": "torchvision", "torchvision": "torchvision"}.get(prefix)
+    names = groups[source] if source else [n for g in groups.values() for n in g]
+    known = Registry("model", f"kdistill list models {bare[:4]}")
+    for n in dict.fromkeys(f"{prefix}:{n}" if prefix else n for n in names):
+        known.add(n, n)
+    return known.unknown_message(name)
 
 
 def create_model(name: str, num_classes: int, pretrained: bool = False,
@@ -44,8 +57,9 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
                  drop_rate: float = 0.0) -> nn.Module:
     """Build ``name`` with a ``num_classes`` head.
 
-    ``pretrained`` loads timm / torchvision / Hugging Face weights (network, or the local
-    file ``pretrained_path``, which alone implies ``pretrained``); the head is re-initialised
+    ``pretrained`` loads timm / torchvision / Hugging Face weights (their cache, else the
+    network; or the local file ``pretrained_path``, which alone implies ``pretrained``);
+    ``model.kdistill_weights`` says which. The head is re-initialised
     when its size differs. ``checkpoint`` loads a kdistill run or checkpoint whose
     architecture and classes match.
     """
@@ -53,8 +67,12 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     source, bare = resolve_name(name)
     if source == "zoo":
         if pretrained:
-            raise UserError(f"zoo model '{name}' has no published pretrained weights; "
-                            "drop --pretrained or use model.checkpoint")
+            from .describe import shadow_map
+
+            others = shadow_map().get(bare)
+            raise UserError(f"zoo model '{name}' has no published pretrained weights; drop --pretrained "
+                            "or use model.checkpoint" + (f" (or pick a pretrained {' / '.join(others[:3])})"
+                                                         if others else ""))
         model = zoo_builder(bare)(num_classes=num_classes, drop_rate=drop_rate)
     elif source == "timm":
         model = _create_timm(bare, num_classes, pretrained, pretrained_path, drop_rate)
@@ -65,6 +83,7 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
         from .checkpoint import load_weights_into
 
         load_weights_into(model, checkpoint, num_classes)
+        model.kdistill_weights = f"checkpoint {checkpoint}"
     return model
 
 
@@ -83,16 +102,28 @@ def _create_timm(name: str, num_classes: int, pretrained: bool, path: str | None
     import timm
 
     kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    weights, timm_name = "random init", name
     if pretrained and path:
         _check_file(path)
         kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
+        weights = f"weights {path}"
+    elif pretrained:
+        from .weights import timm_source
+
+        timm_name, overlay, where = timm_source(name)
+        kwargs.update({"pretrained_cfg_overlay": overlay} if overlay else {})
+        weights = f"pretrained, from {where}"
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except RuntimeError as err:
+        model = timm.create_model(timm_name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError) as err:
         if pretrained:
+            from .weights import HINT
+
             raise UserError(f"cannot load pretrained weights for '{name}': "
-                            f"{str(err).splitlines()[0][:200]}") from None
+                            f"{str(err).splitlines()[0][:200]}; {HINT}") from None
         raise
+    model.kdistill_weights = weights
+    return model
 
 
 def _create_torchvision(name: str, num_classes: int, pretrained: bool, path: str | None) -> nn.Module:
@@ -102,10 +133,19 @@ def _create_torchvision(name: str, num_classes: int, pretrained: bool, path: str
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     if path:
         model = load_weights(torchvision.models.get_model(name, weights=None), path, f"{name} weights")
+        weights = f"weights {path}"
     else:
-        model = torchvision.models.get_model(name, weights="DEFAULT")
+        from .weights import HINT, torchvision_source
+
+        weights = f"pretrained, from {torchvision_source(name)}"
+        try:
+            model = torchvision.models.get_model(name, weights="DEFAULT")
+        except (RuntimeError, OSError) as err:
+            raise UserError(f"cannot load pretrained weights for 'tv:{name}': "
+                            f"{str(err).splitlines()[0][:200]}; {HINT}") from None
     if _last_linear(model).out_features != num_classes:
         replace_head(model, num_classes)
+    model.kdistill_weights = weights
     return model
 
 
@@ -120,6 +160,7 @@ def load_weights(model: nn.Module, path: str, what: str) -> nn.Module:
         model.load_state_dict(read_state_dict(path))
     except RuntimeError as err:
         raise UserError(f"'{path}' does not hold {what}: {str(err).splitlines()[0][:160]}") from None
+    model.kdistill_weights = f"weights {path}"
     return model
 
 
@@ -162,8 +203,9 @@ def replace_head(model: nn.Module, num_classes: int) -> None:
                 return
 
 
-def default_preprocessing(model: nn.Module, pretrained: bool) -> Preprocessing | None:
-    """The input size and normalisation pretrained weights expect; None when trained here."""
+def default_preprocessing(model: nn.Module, pretrained: bool, quiet: bool = False) -> Preprocessing | None:
+    """The input size and normalisation pretrained weights expect; None when trained here.
+    Logs them on one line unless ``quiet`` (a teacher by name is described here)."""
     if not pretrained:
         return None
     cfg = getattr(model, "pretrained_cfg", None)
@@ -171,17 +213,26 @@ def default_preprocessing(model: nn.Module, pretrained: bool) -> Preprocessing |
         from timm.data import resolve_data_config
 
         dc = resolve_data_config({}, model=model)
-        return Preprocessing(int(dc["input_size"][-1]), list(dc["mean"]), list(dc["std"]),
-                             float(dc.get("crop_pct", 0.875)))
-    return Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 0.875)
+        pp = Preprocessing(int(dc["input_size"][-1]), list(dc["mean"]), list(dc["std"]),
+                           float(dc.get("crop_pct", 0.875)))
+    else:
+        pp = Preprocessing(224, IMAGENET_MEAN, IMAGENET_STD, 0.875)
+    if not quiet:
+        from .describe import announce_model
+
+        announce_model(model, pp)
+    return pp
 
 
 def list_models(pattern: str | None = None) -> dict[str, list[str]]:
-    """Model names by source; ``pattern`` is a shell wildcard."""
-    import timm
-    import torchvision
+    """Model names by source; ``pattern`` is a shell wildcard, a bare word matches anywhere."""
     import fnmatch
 
+    import timm
+    import torchvision
+
+    if pattern and not any(c in pattern for c in "*?["):
+        pattern = f"*{pattern}*"
     tv = torchvision.models.list_models()
     return {
         "zoo": zoo_names(pattern),
