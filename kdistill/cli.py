@@ -81,23 +81,29 @@ def train_config(args: argparse.Namespace, cls=None, extra_flags: dict | None = 
 def in_run_folder(cfg, run):
     """``run(cfg)`` in its run folder, fixed once (default runs/<model>-<time>) and checked
     writable before any data, model or teacher is loaded. A folder made here that is still
-    empty when a user error stops the run (a typo in --model, say) is removed again."""
+    empty when a user error stops the run (a typo in --model, say) is removed again.
+
+    Under torchrun the process group comes up first and stays up for the whole command:
+    rank 0 names the folder and every rank takes that name (a clock read on each rank can
+    differ by a second, or by more between nodes)."""
     import contextlib
 
+    from . import distributed as dist
     from .engine.run import run_folder
-    from .utils import ensure_writable_dir
+    from .utils import ensure_writable_dir, resolve_device
 
-    out = run_folder(cfg)
-    made = not out.exists()
-    cfg.train.out = str(ensure_writable_dir(out, "--out"))
-    set_run_folder(cfg.train.out)
-    try:
-        return run(cfg)
-    except UserError:
-        if made:
-            with contextlib.suppress(OSError):
-                out.rmdir()  # only while empty
-        raise
+    with dist.one_group(resolve_device(cfg.train.device)):
+        out = run_folder(cfg)
+        made = not out.exists()
+        cfg.train.out = str(ensure_writable_dir(out, "--out"))
+        set_run_folder(cfg.train.out)
+        try:
+            return run(cfg)
+        except UserError:
+            if made:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only while empty
+            raise
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -47,7 +47,8 @@ class DataConfig:
     mean: list[float] | None = None  # None: the pretrained model's, else dataset statistics
     std: list[float] | None = None
     in_memory: Literal["auto", "yes", "no"] = "auto"  # decode small images once into RAM
-    workers: int = 2
+    workers: int | Literal["auto"] = 2  # DataLoader processes; auto: see num_workers
+    persistent_workers: bool | Literal["auto"] = "auto"  # keep them across epochs; auto: on CUDA
     unlabeled: str | None = None  # extra images without labels (folder or list file; SSLD)
     unlabeled_fraction: float | None = None  # share of each batch; None: in proportion to counts
     ignore_labels: bool = False  # PaddleClas SSLD lists: every training row is unlabeled (label 0)
@@ -68,7 +69,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1] <= 1,
                "data.scale", "must be [min, max] with 0 < min <= max <= 1")
-        _check(self.workers >= 0, "data.workers", "must be >= 0")
+        _check(self.workers == "auto" or self.workers >= 0, "data.workers", "must be >= 0 or auto")
         _check(0 <= self.hflip <= 1, "data.hflip", "must be in [0, 1]")
         _check(0 <= self.label_smoothing < 1, "data.label_smoothing", "must be in [0, 1)")
         _check(self.mixup >= 0 and self.cutmix >= 0, "data.mixup", "alphas must be >= 0")
@@ -83,17 +84,39 @@ class DataConfig:
             v = getattr(self, key)
             _check(v is None or v > 0, f"data.{key}", "must be > 0")
 
+    def num_workers(self, cuda: bool) -> int:
+        """``workers`` as a count. ``auto`` on CUDA: the CPUs this process may use per local GPU
+        (or per process of the node under torchrun, if more), at most 8. On a CPU, 2 (the
+        default before ``auto``): the training step runs on every core, each worker takes one."""
+        if self.workers != "auto":
+            return self.workers
+        if not cuda:
+            return 2
+        import os
+
+        import torch
+
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        gpus = max(1, torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        return max(1, min(8, cpus // gpus))
+
+    def keep_workers(self, cuda: bool) -> bool:
+        """``persistent_workers``: ``auto`` keeps them on CUDA."""
+        return cuda if self.persistent_workers == "auto" else self.persistent_workers
+
 
 @dataclass
 class ModelConfig:
     """Which network, and where its initial weights come from."""
 
     name: str = "resnet20"  # zoo name, timm name ('timm:...'), torchvision ('tv:...')
-    pretrained: bool = False  # timm / torchvision / Hugging Face weights (needs internet)
+    pretrained: bool = False  # timm / torchvision / Hugging Face weights (the local cache, else downloaded)
     pretrained_path: str | None = None  # local file holding those pretrained weights (implies pretrained)
     checkpoint: str | None = None  # start from a kdistill run or checkpoint
     drop_rate: float = 0.0
-    channels_last: bool = False
+    # auto: on for a convolutional model on CUDA and under bf16 on a CPU (faster kernels);
+    # kept as 'auto' in config.yaml so a resumed run chooses again on its new machine
+    channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False  # torch.compile the student's forward (weights and checkpoints unchanged)
 
     def __post_init__(self) -> None:

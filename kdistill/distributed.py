@@ -1,4 +1,7 @@
-"""torchrun / DistributedDataParallel helpers (nccl on CUDA, gloo on CPU)."""
+"""torchrun / DistributedDataParallel helpers (nccl on CUDA, gloo on CPU).
+
+``KDISTILL_FORCE_DDP=1`` takes the DDP path (process group, DDP wrapper) under torchrun at
+world size 1 too, e.g. to check it on one GPU with ``torchrun --nproc_per_node=1``."""
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +29,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def forced() -> bool:
+    """``KDISTILL_FORCE_DDP=1`` under a launcher that gives the rendezvous (torchrun)."""
+    return os.environ.get("KDISTILL_FORCE_DDP") == "1" and {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys()
+
+
 def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """Several processes under torchrun, or one with :func:`forced`: join a process group."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or forced()
 
 
 def init(device: torch.device) -> torch.device:
@@ -44,6 +53,10 @@ def init(device: torch.device) -> torch.device:
         td.init_process_group("nccl", device_id=device)
     else:
         td.init_process_group("gloo")
+    if forced() and world_size() == 1:
+        from .console import log
+
+        log(f"KDISTILL_FORCE_DDP=1: process group ({td.get_backend()}) and DDP at world size 1")
     return device
 
 

@@ -113,17 +113,37 @@ def test_unknown_runtime_is_one_line(tiny_root, trained_run, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and "teacher_runtime" in proc.stderr
 
 
-def test_gpu_check_runs_on_cpu_with_tiny_models():
-    """bench/gpu_check.py is ready for a GPU: here it runs its CPU parts end to end."""
+def test_gpu_check_runs_on_cpu_with_tiny_models(tmp_path):
+    """bench/gpu_check.py is ready for a GPU: here it runs its CPU parts end to end (the
+    nccl DDP arm is reported skipped), appends each arm's row to the JSON file as the arm
+    ends, prints the table, and its watchdog kills an arm that hangs (one is made to)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny"], cwd=root, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("resnet8 -> resnet8")]
-    assert [(r[5], r[6]) for r in rows[:4]] == [("fp32", "student"), ("fp32", "KD"), ("fp32", "KD"),
-                                                ("fp32", "KD")]
-    assert len(rows) == 3 * 4 and all(float(r[-3]) > 0 for r in rows)  # img/s of every arm
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--out", str(out), "--hang", "fp16/KD fixed"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:] + proc.stdout[-3000:]  # 1: the arm made to hang timed out
+    doc = json.loads(out.read_text())
+    rows = {(r["precision"], r["arm"]): r for r in doc["rows"]}
+    arms = ["student", "plain", "KD eager", "KD compiled", "KD fixed"]
+    assert list(rows) == [(p, a) for p in ("bf16", "fp16") for a in arms] + [("bf16", "student DDP")], \
+        (doc["rows"], (out.with_suffix(".log")).read_text()[-3000:])
+    assert rows["fp16", "KD fixed"]["status"].startswith("timeout: killed after")
+    assert rows["bf16", "student DDP"]["status"] == "skipped: CUDA only (nccl DDP)"
+    ran = [r for k, r in rows.items() if k not in {("fp16", "KD fixed"), ("bf16", "student DDP")}]
+    assert all(r["status"] == "ok" and r["img_s"] > 0 and r["precision_ran"] == r["precision"] for r in ran), ran
+    assert all(r["loader_img_s"] > 0 for r in ran if r["arm"] != "plain")
+    assert rows["fp16", "student"]["scaler"] and not rows["bf16", "student"]["scaler"]  # fp16 runs a GradScaler
+    assert rows["bf16", "KD fixed"]["runtime"] == "table"
+    for p in ("bf16", "fp16"):
+        assert rows[p, "KD eager"]["runtime"] == "eager" and rows[p, "KD eager"]["tfwd_eager"] > 0
+        comp = rows[p, "KD compiled"]  # Dynamo (aot_eager on the CPU): one graph per teacher
+        assert comp["runtime"] == "compile" and comp["graphs"] == [1] and comp["tfwd_compiled"] > 0
+    lines = proc.stdout.splitlines()
+    final = lines[lines.index(next(x for x in lines if x.startswith("== gpu_check:"))) + 1:]
+    assert final[0].split()[:4] == ["pair", "prec", "arm", "img/s"]
+    assert len([x for x in final if x.startswith("resnet8->resnet8/16px")]) == len(rows)
+    assert sum(x.startswith("target: kdistill student / plain PyTorch loop") for x in final) == 2

@@ -21,7 +21,7 @@ from ..config import DataConfig
 from ..errors import UserError
 from ..images import read_image
 from .sources import UNLABELED, Source, open_source, open_unlabeled, stratified_subset, unreadable_reason
-from .transforms import Preprocessing, eval_transform, train_transform
+from .transforms import Preprocessing, eval_transform, item_seed, kept_rngs, seed_rngs, train_transform
 
 IN_MEMORY_AUTO_BYTES = 3 * 2**30  # decode into RAM when the split fits in this
 
@@ -55,7 +55,8 @@ def open_splits(cfg: DataConfig, need_val: bool = True) -> Splits:
     if cfg.ignore_labels:
         train = dataclasses.replace(train, labels=[UNLABELED] * len(train))
     unlabeled = open_unlabeled(cfg.unlabeled, train.classes) if cfg.unlabeled else None
-    train, val, unlabeled = (decode_into_memory(s, cfg.workers) if s is not None and want_in_memory(s, cfg.in_memory)
+    workers = cfg.num_workers(torch.cuda.is_available())
+    train, val, unlabeled = (decode_into_memory(s, workers) if s is not None and want_in_memory(s, cfg.in_memory)
                              else s for s in (train, val, unlabeled))
     return Splits(train, val, native_size(train), unlabeled)
 
@@ -229,6 +230,34 @@ class MixedDataset(Dataset):
         if "index" in sample:
             sample["index"] = i
         return sample
+
+
+class EpochItems(Dataset):
+    """``dataset`` indexed by the ``(index, epoch)`` keys of the training samplers: each
+    item's augmentation is seeded from ``(seed, epoch, index)`` alone, and a dataset with
+    ``set_epoch`` (replayable views) is moved to ``epoch`` first, in whichever process makes
+    the item. Worker count and persistence then never change a batch, and a resumed run
+    remakes the items of an uninterrupted one."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
+        """A batch's items (the random streams kept once per batch: saving NumPy's costs ~0.3 ms)."""
+        items = []
+        with kept_rngs():
+            for index, epoch in keys:
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(epoch)
+                seed_rngs(item_seed(self.seed, epoch, index))
+                items.append(self.dataset[index])
+        return items
 
 
 def train_dataset(cfg: DataConfig, source: Source, native: int, size: int,

@@ -11,27 +11,28 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import distributed as dist
 from ..config import DataConfig
 from ..errors import UserError
 from ..utils import atomic_write_text
-from .datasets import ImageDataset
+from .datasets import EpochItems, ImageDataset
 
 
 def collate(samples: list[dict]) -> dict:
     """Stack good samples (images, targets, indices and any extra tensors, e.g. a teacher's
     outputs or its own view); unreadable ones are listed under ``"skipped"`` (paths) and
-    ``"skipped_why"`` (reasons). ``"labeled"`` says, as a Python bool, whether every image
-    has a label (target >= 0), so that nobody has to ask the device."""
-    good = [s for s in samples if "skipped" not in s]
+    ``"skipped_why"`` (reasons). Labeled images (target >= 0) come first and
+    ``"n_labeled"``, a Python int, counts them, so that nobody has to ask the device (a
+    slice, not a boolean mask, picks them)."""
+    good = sorted((s for s in samples if "skipped" not in s), key=lambda s: s["target"] < 0)
     bad = [s for s in samples if "skipped" in s]
     batch: dict = {"skipped": [s["skipped"] for s in bad],
                    "skipped_why": [s.get("reason") or "unreadable" for s in bad]}
     if good:
         batch["image"] = torch.stack([s["image"] for s in good])
-        batch["labeled"] = all(s["target"] >= 0 for s in good)
+        batch["n_labeled"] = sum(s["target"] >= 0 for s in good)
         batch["target"] = torch.tensor([s["target"] for s in good], dtype=torch.long)
         batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
         for key in good[0].keys() - {"image", "target", "index"}:
@@ -52,14 +53,37 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-class MixedBatchSampler(Sampler[list[int]]):
+class EpochSampler(Sampler[tuple[int, int]]):
+    """``(index, epoch)`` keys in a shuffled order that is a function of ``(seed, epoch)``
+    only, drawn from a generator of its own at each ``iter``: rank ``rank`` takes every
+    ``world``-th index of the first ``n // world * world`` (the order of torch's
+    ``DistributedSampler(seed=seed, drop_last=True)``), so ranks see disjoint images."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g)[:len(self) * self.world]
+        return iter([(i, self.epoch) for i in order[self.rank::self.world].tolist()])
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+
+class MixedBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``batch_size`` with ``round(batch_size * fraction)`` unlabeled images, over
     a :class:`~kdistill.data.datasets.MixedDataset` (labeled indices first).
 
     An epoch has ``(n_labeled + n_unlabeled) // (batch_size * world)`` batches per process,
     each side cycling through its own shuffled order; the order is a function of
     ``(seed, epoch)`` only, and process ``rank`` takes every ``world``-th batch, so DDP ranks
-    see disjoint batches and a resumed run replays the same ones.
+    see disjoint batches and a resumed run replays the same ones. Batches hold
+    ``(index, epoch)`` keys, as :class:`EpochSampler` yields.
     """
 
     def __init__(self, n_labeled: int, n_unlabeled: int, batch_size: int, fraction: float,
@@ -87,56 +111,53 @@ class MixedBatchSampler(Sampler[list[int]]):
         lab = self._stream(self.n_l, 0, total * self.b_l, g).view(total, self.b_l)
         unl = self._stream(self.n_u, self.n_l, total * self.b_u, g).view(total, self.b_u)
         for b in range(self.rank, total, self.world):
-            yield torch.cat([lab[b], unl[b]]).tolist()
+            yield [(i, self.epoch) for i in torch.cat([lab[b], unl[b]]).tolist()]
 
     def __len__(self) -> int:
         return self.batches
 
 
 class EpochLoader:
-    """A training DataLoader whose shuffling and worker seeds are a function of
-    ``(seed, epoch, rank)`` only, so a resumed run replays exactly the same batches.
+    """A training DataLoader whose batches are a function of ``(seed, epoch, rank)`` only, so
+    a resumed run replays exactly the batches of an uninterrupted one: the sampler draws
+    each epoch's order from a generator of its own, and each item's augmentation is seeded
+    from ``(seed, epoch, index)`` (:class:`~kdistill.data.datasets.EpochItems`), whatever
+    the number of workers and whether they persist.
 
     With ``unlabeled_fraction`` (a :class:`~kdistill.data.datasets.MixedDataset`), every
     batch holds that share of unlabeled images; otherwise images are drawn uniformly from
     the whole dataset.
 
     ``persistent``: keep the worker processes from epoch to epoch (their start-up is paid
-    once; used on CUDA). Not for datasets that change by epoch (``set_epoch``: views),
-    whose workers must see the new epoch. Their random streams then run on across epochs,
-    so a resumed run's augmentations are not those of an uninterrupted one."""
+    once; on CUDA by default). ``dataset`` is the one given (indexed by ints)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int,
                  pin_memory: bool = False, unlabeled_fraction: float | None = None,
                  persistent: bool = False) -> None:
         self.seed = seed
         self.dataset = dataset
-        self.generator = torch.Generator()
-        persistent = persistent and workers > 0 and not hasattr(dataset, "set_epoch")
+        self.generator = torch.Generator()  # the DataLoader's own draws leave the global RNG alone
         common = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
-                      generator=self.generator, persistent_workers=persistent)
+                      generator=self.generator, persistent_workers=persistent and workers > 0)
+        items = EpochItems(dataset, seed)
         if unlabeled_fraction is not None:
             self.sampler: Sampler = MixedBatchSampler(
                 dataset.n_labeled, len(dataset.unlabeled), batch_size, unlabeled_fraction, seed,
                 dist.rank(), dist.world_size())
-            self.loader = DataLoader(dataset, batch_sampler=self.sampler, **common)
+            self.loader = DataLoader(items, batch_sampler=self.sampler, **common)
             return
-        if dist.is_distributed():
-            self.sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
-        else:
-            self.sampler = RandomSampler(dataset, generator=self.generator)
+        self.sampler = EpochSampler(len(dataset), seed, dist.rank(), dist.world_size())
         if len(self.sampler) < batch_size:  # type: ignore[arg-type]
             raise UserError(f"the training split has {len(dataset)} images, fewer than one batch "
                             f"of {batch_size} per process; lower --batch-size")
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+        self.loader = DataLoader(items, batch_size=batch_size, sampler=self.sampler,
                                  drop_last=True, **common)
 
     def set_epoch(self, epoch: int) -> None:
         self.generator.manual_seed(self.seed * 100_003 + epoch * 1_009 + dist.rank())
-        if hasattr(self.dataset, "set_epoch"):  # replayable views: one view per epoch
+        if hasattr(self.dataset, "set_epoch"):  # replayable views, as made in this process
             self.dataset.set_epoch(epoch)
-        if isinstance(self.sampler, (DistributedSampler, MixedBatchSampler)):
-            self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
 
     def __iter__(self):
         return iter(self.loader)
@@ -146,10 +167,13 @@ class EpochLoader:
 
 
 def eval_loader(dataset: ImageDataset, batch_size: int, workers: int,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, persistent: bool = False) -> DataLoader:
+    """Each image once over the ranks, in order; ``persistent``: keep the workers between
+    passes (the val pass of every epoch)."""
     sampler = ShardSampler(len(dataset), dist.rank(), dist.world_size())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      collate_fn=collate, pin_memory=pin_memory)
+                      collate_fn=collate, pin_memory=pin_memory,
+                      persistent_workers=persistent and workers > 0)
 
 
 def make_mixer(cfg: DataConfig, num_classes: int):

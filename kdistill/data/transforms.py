@@ -1,4 +1,5 @@
-"""Augmentation (torchvision transforms v2 on uint8 tensors) and per-model preprocessing.
+"""Augmentation (torchvision transforms v2 on uint8 tensors), its seeding per item, and
+per-model preprocessing.
 
 Loaders yield uint8 crops at the training resolution; each model then applies its own
 :class:`Preprocess` on the device (scale to [0, 1], resize if it runs at another
@@ -7,7 +8,10 @@ crop, each at its own resolution and normalisation.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +110,41 @@ def train_transform(size: int, native: int, crop: str = "auto", scale=(0.08, 1.0
     elif auto_augment == "trivialaugment":
         ops.append(v2.TrivialAugmentWide())
     return v2.Compose(ops)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of item ``index``'s augmentation in ``epoch``: a hash of the three (63 bits),
+    so that nearby keys share no random stream."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_rngs(seed: int) -> None:
+    """Seed the streams transforms draw from: torch's CPU generator, ``random``, NumPy's."""
+    import numpy as np
+
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+@contextlib.contextmanager
+def kept_rngs():
+    """Outside a DataLoader worker, restore those streams after the block, so that dropout
+    or mixup in the training process do not depend on where items were made."""
+    import numpy as np
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None:
+        yield
+        return
+    saved = torch.default_generator.get_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
 
 
 def eval_transform(size: int, crop_pct: float = 1.0) -> nn.Module:

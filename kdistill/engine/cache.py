@@ -35,7 +35,13 @@ def teacher_identity(spec: str) -> dict:
 
 
 def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
-    """Cache ``views`` views of ``cfg.data``'s training split for ``cfg.distill.teachers``."""
+    """Cache ``views`` views of ``cfg.data``'s training split for ``cfg.distill.teachers``;
+    under torchrun in one process group, destroyed at the end."""
+    with dist.one_group(resolve_device(cfg.train.device)) as device:
+        return _build_cache(cfg, views, k, out, device, mix)
+
+
+def _build_cache(cfg, views: int, k: int, out: str, device: torch.device, mix: bool) -> dict:
     if views <= 0:
         raise UserError("--views must be >= 1")
     if k <= 0:
@@ -45,7 +51,6 @@ def build_cache(cfg, views: int, k: int, out: str, mix: bool = False) -> dict:
     if cfg.data.auto_augment != "none":
         raise UserError("auto-augment views cannot be replayed from a cache; set data.auto_augment=none")
     root = ensure_writable_dir(out, "--out")
-    device = dist.init(resolve_device(cfg.train.device))
     splits = open_splits(cfg.data, need_val=False)
     src = splits.train
     teacher = load_teachers(cfg.distill.teachers, src.classes, device, cfg.distill.teacher_weights,
@@ -110,8 +115,9 @@ def _cache_view(ds: ViewDataset, v: int, views: int, teacher: TeacherSource, k: 
     dist.barrier()
     arrays = {key: np.load(p, mmap_mode="r+") for key, p in tmp.items()}
     ds.set_epoch(v)
+    cuda = device.type == "cuda"
     loader = DataLoader(ds, batch_size=cfg.eval.batch_size, sampler=ShardSampler(n, rank, world),
-                        num_workers=cfg.data.workers, collate_fn=collate)
+                        num_workers=cfg.data.num_workers(cuda), collate_fn=collate, pin_memory=cuda)
     bar = progress(len(loader), f"view {v + 1}/{views}", cfg.train.progress)
     for batch in loader:
         bar.update(1)

@@ -100,7 +100,7 @@ def build_teacher(ctx: RunContext, sd: DistillSection) -> TeacherSource | None:
             raise UserError("distill needs --teacher RUN_OR_CKPT (or --self-distill ema|born_again)")
         return None
     teacher = load_teachers(sd.teachers, ctx.classes, ctx.device, sd.teacher_weights, sd.ensemble,
-                            sd.merge, ctx.cfg.model.channels_last)
+                            sd.merge, ctx.channels_last)
     if teacher.merged:
         line, missing = teacher.coverage()
         log(line)
@@ -245,8 +245,9 @@ def teacher_table(ctx: RunContext, teacher: TeacherSource,
     from ..data.datasets import eval_dataset
     from ..data.loader import eval_loader
 
+    cuda = ctx.device.type == "cuda"
     loader = eval_loader(eval_dataset(ctx.splits.train, teacher.preprocessing), ctx.cfg.eval.batch_size,
-                         ctx.cfg.data.workers)
+                         ctx.cfg.data.num_workers(cuda), pin_memory=cuda)
     table = torch.zeros(len(ctx.splits.train), len(ctx.classes), dtype=torch.float16)
     log(f"view fixed: teacher outputs on {len(table)} centre-cropped training images")
     for batch in loader:

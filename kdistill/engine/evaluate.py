@@ -1,6 +1,6 @@
 """Evaluation: top-1, top-5, mean per-class accuracy (MPA), confusion matrix, optional TTA.
 
-Counts are accumulated in torchmetrics metrics, which sum across DDP ranks.
+Counts are accumulated in device tensors, summed across DDP ranks once per pass.
 """
 from __future__ import annotations
 
@@ -56,31 +56,31 @@ def metrics_from_confusion(cm: torch.Tensor) -> tuple[float, float, list[float]]
 
 
 class Accumulator:
-    """Confusion matrix + top-5 hits + summed loss over batches (DDP-synchronised)."""
+    """Confusion matrix + top-5 hits + summed loss over batches, in device tensors that each
+    batch adds to without a host sync (no per-batch ``torch.tensor(...)``, argument check or
+    bincount); summed over DDP ranks once, in :meth:`compute`."""
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
-        from torchmetrics import SumMetric
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
-
-        self.cm = MulticlassConfusionMatrix(num_classes).to(device)
-        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro").to(device)
-        self.loss = SumMetric().to(device)
-        self.count = SumMetric().to(device)
+        self.k = num_classes
+        self.cm = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-5 hits, nll, images
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
-        self.cm.update(probs, target)
-        self.top5.update(probs, target)
-        nll = F.nll_loss(probs.clamp_min(1e-12).log(), target, reduction="sum")
-        self.loss.update(nll)
-        self.count.update(torch.tensor(float(len(target)), device=probs.device))
+        target = target.long()
+        self.cm.index_add_(0, target * self.k + probs.argmax(-1), torch.ones_like(target))
+        top5 = (probs.topk(min(5, self.k), dim=-1).indices == target[:, None]).any(-1).sum()
+        nll = F.nll_loss(probs.float().clamp_min(1e-12).log(), target, reduction="sum")
+        self.sums[0] += top5
+        self.sums[1] += nll
+        self.sums[2] += len(target)  # a Python number: no host-to-device copy
 
     def compute(self) -> EvalResult:
-        cm = self.cm.compute().cpu()
+        cm = dist.all_reduce_sum(self.cm).view(self.k, self.k).cpu()
+        top5, nll, n = dist.all_reduce_sum(self.sums).tolist()
         top1, mpa, per_class = metrics_from_confusion(cm)
-        n = int(self.count.compute())
-        return EvalResult(top1=top1, top5=float(self.top5.compute()), mpa=mpa, n=n,
-                          loss=float(self.loss.compute()) / max(n, 1), per_class=per_class,
-                          confusion=cm.long().tolist())
+        n = int(n)
+        return EvalResult(top1=top1, top5=top5 / n if n else float("nan"), mpa=mpa, n=n,
+                          loss=nll / max(n, 1), per_class=per_class, confusion=cm.long().tolist())
 
 
 def result_from_probs(probs: torch.Tensor, target: torch.Tensor, num_classes: int) -> EvalResult:
@@ -111,42 +111,38 @@ class EvalHook(Protocol):
 class Agreement:
     """Student-teacher top-1 agreement and mean ``KL(p_teacher || p_student)`` (nats, T=1).
 
-    The teacher's probabilities on the evaluation images are computed once and kept by
-    image index (the images do not change between epochs); sums are DDP-reduced.
+    The teacher's probabilities on the evaluation images are computed in the first pass and
+    kept by image index (the images, and each rank's share of them, do not change between
+    passes); later passes only read them. Sums stay on the device; DDP-reduced in
+    :meth:`compute`.
     """
 
     def __init__(self, teacher: Callable[[torch.Tensor], torch.Tensor], n_images: int,
                  num_classes: int, device: torch.device) -> None:
-        from torchmetrics import SumMetric
-
         self.teacher, self.device = teacher, device
         self.cache = torch.zeros(n_images, num_classes, device=device)
-        self.known = torch.zeros(n_images, dtype=torch.bool, device=device)
-        self.agree, self.kl, self.count = (SumMetric().to(device) for _ in range(3))
+        self.filled = False  # after one full pass, every image of this rank's share is cached
+        self.sums = torch.zeros(3, dtype=torch.float64, device=device)  # agree, kl, images
 
     def reset(self) -> None:
-        for m in (self.agree, self.kl, self.count):
-            m.reset()
+        self.sums.zero_()
 
     @torch.no_grad()
     def update(self, batch: dict, probs: torch.Tensor) -> None:
-        idx = batch["index"].to(self.device)
-        todo = ~self.known[idx]
-        if todo.any():
-            x = batch["image"].to(self.device)[todo]
-            self.cache[idx[todo]] = self.teacher(x).float().softmax(-1)
-            self.known[idx[todo]] = True
+        idx = batch["index"].to(self.device, non_blocking=True)
+        if not self.filled:
+            self.cache[idx] = self.teacher(batch["image"].to(self.device, non_blocking=True)).float().softmax(-1)
         p_t = self.cache[idx]
-        kl = kl_per_image(p_t, probs)
-        self.agree.update((p_t.argmax(-1) == probs.argmax(-1)).sum().float())
-        self.kl.update(kl.sum())
-        self.count.update(torch.tensor(float(len(idx)), device=self.device))
+        self.sums[0] += (p_t.argmax(-1) == probs.argmax(-1)).sum()
+        self.sums[1] += kl_per_image(p_t, probs).sum()
+        self.sums[2] += len(probs)
 
     def compute(self) -> dict:
-        n = float(self.count.compute())
+        self.filled = True
+        agree, kl, n = dist.all_reduce_sum(self.sums).tolist()
         if n == 0:
             return {}
-        return {"agreement": float(self.agree.compute()) / n, "kl_to_teacher": float(self.kl.compute()) / n}
+        return {"agreement": agree / n, "kl_to_teacher": kl / n}
 
 
 @torch.no_grad()

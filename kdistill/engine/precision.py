@@ -107,3 +107,16 @@ def resolve(device: torch.device, amp: bool | str = "auto", amp_dtype: str = "au
         warning = (f"warning: train.amp=true on a CPU ({cap}) without native {NAMES[dtype]}: autocast is "
                    "emulated and about 10x slower than fp32; use train.amp=auto or --no-amp")
     return Precision(dtype, "train.amp=true", warning)
+
+
+def configure_cuda(device: torch.device, precision: Precision) -> None:
+    """CUDA settings for a training run on ``device``: this process's current device (a
+    single process on ``cuda:N`` otherwise allocates on cuda:0 too), cuDNN autotuning (the
+    training batches have one shape), and TF32 matmuls for an fp32 run."""
+    if device.type != "cuda":
+        return
+    if device.index is not None:
+        torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    if precision.dtype is None:
+        torch.set_float32_matmul_precision("high")

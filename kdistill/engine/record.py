@@ -27,7 +27,7 @@ FORMAT = 1
 
 #: keys that cannot change what a run computes: they may differ on resume
 RESULT_FREE = {"data.workers", "data.in_memory", "train.progress", "train.sync_every", "train.device", "train.threads",
-               "train.resume", "train.out", "model.compile", "distill.teacher_runtime",
+               "train.resume", "train.out", "model.compile", "model.channels_last", "distill.teacher_runtime",
                "ssld.workers", "ssld.batch_size", "ssld.keep_work", "ssld.teacher_runtime", "ssld.shard_size"}
 RESULT_FREE_PREFIXES = ("eval.",)
 #: where the data comes from: compared through the record's classes and fingerprints (when
@@ -89,6 +89,9 @@ def differences(out: Path, cfg: Config, record: dict) -> list[str]:
     for key in sorted(set(old) | set(new)):
         if key in skip or key.startswith(RESULT_FREE_PREFIXES) or old.get(key) == new.get(key):
             continue
+        if key in ("train.batch_size", "train.accum_steps") and (
+                old["train.batch_size"] * old["train.accum_steps"] == new["train.batch_size"] * new["train.accum_steps"]):
+            continue  # the same images per update in smaller micro-batches (after running out of memory)
         if key == "train.epochs" and cfg.optim.sched in EPOCH_FREE_SCHEDS:
             continue  # decay points are absolute epochs: the schedule follows a longer run
         if key == "train.epochs":

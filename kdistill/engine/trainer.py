@@ -26,38 +26,14 @@ from ..config import Config
 from ..console import log, progress
 from ..data.loader import SkipLog, dropped, skipped_in
 from ..data.transforms import Preprocessing, to_unit
-from ..errors import TrainingError, UserError
+from ..errors import TrainingError
 from ..methods.base import Method
 from ..models.checkpoint import load_state, save_model, save_state
 from ..utils import count_params, seed_everything, write_json
 from . import precision as precision_
 from .callbacks import RunLogger
 from .evaluate import EvalHook, EvalResult, evaluate
-
-
-def pytorch_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                      momentum: float) -> torch.optim.Optimizer:
-    """An optimizer from the pytorch-optimizer package (e.g. ``soap``, ``shampoo``), with
-    decoupled weight decay on weights and none on biases / norm parameters or on what the
-    model's ``no_weight_decay()`` names (wildcards allowed, as in timm; e.g. a ViT's
-    ``pos_embed``); ``momentum`` is passed when the optimizer takes one (as timm does)."""
-    import fnmatch
-    import inspect
-
-    import pytorch_optimizer as po
-
-    try:
-        cls = po.load_optimizer(name)
-    except NotImplementedError:
-        raise UserError(f"pytorch-optimizer has no optimizer '{name}'") from None
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    exempt = {n for n, p in named if p.ndim <= 1 or any(fnmatch.fnmatch(n, pat) for pat in skip)}
-    decay = [p for n, p in named if n not in exempt]
-    rest = [p for n, p in named if n in exempt]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    kwargs = {"momentum": momentum} if "momentum" in inspect.signature(cls).parameters else {}
-    return cls(groups, lr=lr, **kwargs)
+from .optim import build_optimizer
 
 
 @dataclass
@@ -88,6 +64,7 @@ class Trainer:
         log(f"precision: {self.precision.name} ({self.precision.reason})")
         if self.precision.warning:
             log(self.precision.warning)
+        precision_.configure_cuda(device, self.precision)
         self.autocast = self.precision.autocast(device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision.needs_scaler)
         self.optimizer, self.scheduler = self._build_optim()
@@ -102,28 +79,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
 
     def _build_optim(self):
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import create_scheduler_v2
-
-        oc, tc = self.cfg.optim, self.cfg.train
-        if oc.name.startswith("po:"):
-            opt = pytorch_optimizer(self.method.trainable(), oc.name[3:], oc.lr, oc.weight_decay, oc.momentum)
-        else:
-            try:  # timm applies momentum only to optimizers that have it (has_momentum)
-                opt = create_optimizer_v2(self.method.trainable(), opt=oc.name, lr=oc.lr,
-                                          weight_decay=oc.weight_decay, momentum=oc.momentum)
-            except (AssertionError, ValueError) as err:
-                raise UserError(f"optimizer '{oc.name}': {str(err).splitlines()[0][:160]} (timm names, "
-                                "or po:NAME for pytorch-optimizer, e.g. po:soap)") from None
-        if oc.sched == "constant" and oc.warmup_epochs == 0:
-            return opt, None
-        sched, _ = create_scheduler_v2(
-            opt, sched="step" if oc.sched == "constant" else oc.sched, num_epochs=tc.epochs,
-            decay_epochs=oc.decay_epochs[0] if oc.sched == "step" else tc.epochs * 10,
-            decay_milestones=oc.decay_epochs, decay_rate=1.0 if oc.sched == "constant" else oc.decay_rate,
-            min_lr=oc.min_lr, warmup_lr=oc.warmup_lr, warmup_epochs=oc.warmup_epochs,
-            step_on_epochs=False, updates_per_epoch=self._updates_per_epoch())
-        return opt, sched
+        return build_optimizer(self.cfg, self.method.trainable(), self.device, self._updates_per_epoch())
 
     def _batches_per_epoch(self) -> int:
         """Batches trained per epoch: the loader's, capped by ``train.max_steps_per_epoch``."""
@@ -229,6 +185,12 @@ class Trainer:
                 self.save(result, is_best)
                 logger.epoch(row)
                 self._report_epoch(row, stats)
+        except torch.cuda.OutOfMemoryError:
+            b, a = tc.batch_size, tc.accum_steps
+            raise TrainingError(
+                f"out of GPU memory at --batch-size {b} per process (train.accum_steps={a}); the last "
+                f"checkpoint ({self.out / 'last.pt'}) is intact: continue with --resume --batch-size {max(b // 2, 1)} "
+                f"-o train.accum_steps={a * 2} (the same effective batch)") from None
         finally:
             logger.close()
         summary = self.summary(time.time() - started, last_result)
@@ -254,7 +216,9 @@ class Trainer:
         bar = progress(n_batches, f"epoch {epoch + 1}/{tc.epochs}", tc.progress)
         t0 = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
-        window_images, synced = 0, False
+        window_images = 0  # readable images of this rank in the window (a host count)
+        # under DDP the window's count over ranks stays on the device (summed there, no sync)
+        window_count = torch.zeros((), device=self.device) if self.method.ddp_modules() else None
         # the loss is checked on the host only every train.sync_every steps and at the end
         # (no host sync per step): the first non-finite loss and its step are kept on the device
         bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
@@ -269,8 +233,12 @@ class Trainer:
             stats.skipped.update(skipped_in(batch))
             batch = self._to_device(batch) if "image" in batch else None
             n = 0 if batch is None else batch["image"].shape[0]
-            images, empty_ranks = self._count_images(n)
-            if empty_ranks == 0:
+            if n == 0 and window_count is not None:
+                # a rank without a readable image still takes part in DDP's collectives: it
+                # steps on an earlier batch at weight 0 instead of asking the others
+                batch = self._placeholder()
+            if batch is not None and batch["image"].shape[0]:
+                self._last_batch = batch
                 sync = contextlib.ExitStack()
                 if not last:
                     for m in self.method.ddp_modules():
@@ -279,13 +247,15 @@ class Trainer:
                     with self.autocast():
                         out = self.method(batch)
                     loss = out["loss"]
-                    first = (bad_step < 0) & ~torch.isfinite(loss.detach())
-                    bad_step.masked_fill_(first, i)
-                    bad_loss = torch.where(first, loss.detach().float(), bad_loss)
+                    if n:
+                        first = (bad_step < 0) & ~torch.isfinite(loss.detach())
+                        bad_step.masked_fill_(first, i)
+                        bad_loss = torch.where(first, loss.detach().float(), bad_loss)
                     # a full batch weighs 1 / window; _optimizer_step rescales to the real mean
                     self.scaler.scale(loss * (n / tc.batch_size) / window).backward()
-                window_images += images
-                synced = last
+                window_images += n
+                if window_count is not None:
+                    window_count.add_(n)
                 stats.images += n
                 for k, v in out.items():
                     if k != "logits" and v.dim() == 0:
@@ -297,11 +267,14 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.0f}",
                                     lr=f"{self.optimizer.param_groups[0]['lr']:.2e}", refresh=False)
             if last:
-                if window_images:
-                    self._optimizer_step(params, window_images, tc.batch_size * window * dist.world_size(),
-                                         synced)
+                if window_count is not None or window_images:  # under DDP every rank steps
+                    nominal = tc.batch_size * window * dist.world_size()
+                    self._optimizer_step(params, window_images if window_count is None else
+                                         dist.all_reduce_sum(window_count), nominal)
+                    if window_count is not None:
+                        window_count.zero_()
                 self.optimizer.zero_grad(set_to_none=True)
-                window_images, synced = 0, False
+                window_images = 0
             bar.update(1)
         bar.close()
         self._check_loss(bad_step, bad_loss, epoch)
@@ -316,44 +289,62 @@ class Trainer:
         return stats
 
     def _check_loss(self, bad_step: torch.Tensor, bad_loss: torch.Tensor, epoch: int) -> None:
-        """Stop (before anything is saved) if some step's loss was not finite."""
-        step = int(bad_step)
-        if step >= 0:
+        """Stop (before anything is saved) if some step's loss was not finite on any rank:
+        every rank learns of every rank's first bad step in one all-reduce, so all stop
+        together with the same message instead of the others waiting in a collective."""
+        table = torch.zeros(dist.world_size(), 2, dtype=torch.float64, device=self.device)
+        table[dist.rank(), 0] = bad_step + 1  # 0: none on that rank
+        table[dist.rank(), 1] = bad_loss
+        table = dist.all_reduce_sum(table).tolist()
+        bad = [(r, int(s) - 1, v) for r, (s, v) in enumerate(table) if s > 0]
+        if bad:
+            rank, step, value = bad[0]
+            where = f" on rank {rank}" if dist.is_distributed() else ""
             raise TrainingError(
-                f"loss became {float(bad_loss)} at epoch {epoch + 1}, step {step + 1}; stopped. "
+                f"loss became {value} at epoch {epoch + 1}, step {step + 1}{where}; stopped. "
                 f"The last good checkpoint ({self.out / 'last.pt'}) is intact: lower "
                 "optim.lr, set optim.clip_grad, or turn off train.amp, then --resume")
 
-    def _count_images(self, n: int) -> tuple[int, int]:
-        """-> (readable images of this micro-batch over all ranks, ranks that have none)."""
-        if not dist.is_distributed():
-            return n, int(n == 0)
-        images, empty = dist.all_reduce_sum(torch.tensor([n, int(n == 0)], device=self.device)).tolist()
-        return int(images), int(empty)
+    def _placeholder(self) -> dict:
+        """A batch to step on at weight 0 when this rank has no readable image (under DDP):
+        the last batch, else the first readable images of the training set."""
+        from ..data.loader import collate
 
-    def _optimizer_step(self, params: list[nn.Parameter], images: int, nominal: int, synced: bool) -> None:
+        if getattr(self, "_last_batch", None) is None:
+            ds, items = self.train_loader.dataset, []
+            for j in range(len(ds)):
+                items += [] if "skipped" in (item := ds[j]) else [item]
+                if len(items) == 2:
+                    break
+            self._last_batch = self._to_device(collate(items))
+        return self._last_batch
+
+    def _optimizer_step(self, params: list[nn.Parameter], images: int | torch.Tensor, nominal: int) -> None:
         """Step on the window's gradients, accumulated as the sum over its micro-batches of
-        ``loss * n / batch_size / window`` (``nominal`` images when all are full): rescaled
-        by ``nominal / images`` they are the mean over the ``images`` readable images of the
-        window on all ranks. ``synced``: DDP averaged them over ranks in the window's last
-        backward; when every rank skipped that micro-batch, they are averaged here."""
+        ``loss * n / batch_size / window`` (``nominal`` images when all are full) and averaged
+        over ranks by DDP: rescaled by ``nominal / images`` they are the mean over the
+        ``images`` readable images of the window on all ranks (under DDP a device tensor: the
+        rescale asks the host nothing; a window without any readable image then steps on zero
+        gradients)."""
         oc = self.cfg.optim
-        if not synced and self.method.ddp_modules():
-            dist.all_reduce_grads_mean(params)
-        if images != nominal:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(nominal / images)
+        if torch.is_tensor(images):
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], nominal / images.clamp_min(1))
+        elif images != nominal:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], nominal / images)
         if oc.clip_grad:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(params, oc.clip_grad)
         self.scaler.step(self.optimizer)
+        scale = self.scaler._scale.clone() if self.scaler.is_enabled() else None
         self.scaler.update()
         self.global_step += 1
         if self.scheduler is not None:
             self.scheduler.step_update(num_updates=self.global_step)
         if self.ema is not None:
-            self.ema.update(self.method.plain_student, step=self.global_step)
+            decay = self.ema.get_decay(self.global_step)
+            if scale is not None:  # a step fp16's scaler skipped leaves the EMA as it is, on the device
+                decay = torch.where(self.scaler._scale < scale, 1.0, decay)
+            self.ema.apply_update_(self.method.plain_student, decay)
         self.method.after_step()
 
     def _to_device(self, batch: dict) -> dict:
@@ -375,8 +366,9 @@ class Trainer:
         hook = self.eval_hook
         if hook is not None:
             hook.reset()
+        # fp32, as `kdistill eval` and the report evaluate: one number per checkpoint
         result = evaluate(model, self.method.student_prep, self.val_loader, len(self.classes),
-                          self.device, autocast=self.autocast, on_batch=hook.update if hook else None)
+                          self.device, on_batch=hook.update if hook else None)
         if hook is not None:
             result.extra.update(hook.compute())
         result.extra["skipped"] = self.skips.add("val", result.skipped)

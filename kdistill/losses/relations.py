@@ -124,8 +124,8 @@ class CRD(nn.Module):
     (detached) from earlier batches: a MoCo-style queue replacing the paper's dataset-sized
     memory bank (memory does not grow with the dataset). Until the queues are full only their
     filled rows are negatives (with none, the loss is 0). The current batch is enqueued after
-    the loss is computed, in training mode only. Queues, write pointer and fill count are
-    buffers (saved in ``state_dict``, so resume is exact). Under DDP each process keeps its own
+    the loss is computed, in training mode only. The queues are buffers and the write pointer
+    and fill count host integers (extra state), all saved in ``state_dict``, so resume is exact. Under DDP each process keeps its own
     queue of its local batches (no all-gather) -- note DDP's default buffer broadcast then
     copies rank 0's queue to every rank before each forward.
     Tian, Krishnan, Isola, ICLR 2020, "Contrastive Representation Distillation".
@@ -141,23 +141,29 @@ class CRD(nn.Module):
         self.embed_t = nn.Linear(shapes.t_embed, feat_dim)
         self.register_buffer("queue_s", torch.zeros(queue_size, feat_dim))
         self.register_buffer("queue_t", torch.zeros(queue_size, feat_dim))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        # write pointer and fill count: host integers (no device read per step), in
+        # state_dict through get_extra_state
+        self.ptr, self.count = 0, 0
+
+    def get_extra_state(self) -> dict:
+        return {"ptr": self.ptr, "count": self.count}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.ptr, self.count = int(state["ptr"]), int(state["count"])
 
     def negatives(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Filled rows of the (student, teacher) queues, as copies (safe against enqueue)."""
-        n = int(self.count)
-        return self.queue_s[:n].clone(), self.queue_t[:n].clone()
+        return self.queue_s[:self.count].clone(), self.queue_t[:self.count].clone()
 
     @torch.no_grad()
     def enqueue(self, z_s: torch.Tensor, z_t: torch.Tensor) -> None:
         size = self.queue_s.shape[0]
         z_s, z_t = z_s[-size:], z_t[-size:]  # a batch larger than the queue: keep its tail
-        idx = (int(self.ptr) + torch.arange(z_s.shape[0], device=z_s.device)) % size
+        idx = (self.ptr + torch.arange(z_s.shape[0], device=z_s.device)) % size
         self.queue_s[idx] = z_s.to(self.queue_s.dtype)
         self.queue_t[idx] = z_t.to(self.queue_t.dtype)
-        self.ptr.fill_((int(self.ptr) + z_s.shape[0]) % size)
-        self.count.fill_(min(int(self.count) + z_s.shape[0], size))
+        self.ptr = (self.ptr + z_s.shape[0]) % size
+        self.count = min(self.count + z_s.shape[0], size)
 
     def forward(self, inp: LossInputs) -> torch.Tensor:
         s, t = _embeds(inp)

@@ -270,19 +270,27 @@ def compile_teachers(source: FrozenTeachers, runtime: str, device: torch.device,
     against eager on ``images()``, a uint8 batch of real images loaded only when needed,
     at ``batch_size`` (the batches the teacher will see). In place; returns ``source``."""
     runtime = resolve_runtime(runtime, device, autocast)
-    if runtime == "eager":
-        return source
+    if runtime != "eager":
+        _compile_each(source, runtime, device, images, autocast, batch_size)
+    if autocast is torch.bfloat16:  # the teachers that stay eager run in bf16 (Teacher.run_in)
+        for t in source.teachers:
+            if not isinstance(t, CompiledTeacher):
+                t.run_in(torch.bfloat16)
+    return source
+
+
+def _compile_each(source: FrozenTeachers, runtime: str, device: torch.device,
+                  images: Callable[[], torch.Tensor | None], autocast: torch.dtype | None,
+                  batch_size: int) -> None:
     if source.capture is not None:
         log(f"teacher features are captured (feature/relation losses, or deduplication): the teacher "
             f"stays eager instead of {runtime}")
-        return source
+        return
     images = images()
-    if images is not None:
-        images = images.to(device)
-    else:
+    if images is None:
         log(f"no readable image to check the {runtime} teacher runtime against eager; running eager")
-        return source
+        return
+    images = images.to(device)
     for i, t in enumerate(source.teachers):
         if not isinstance(t, CompiledTeacher):
             source.teachers[i] = compile_teacher(t, runtime, images, batch_size, autocast)
-    return source

@@ -141,23 +141,28 @@ class Distill(Method):
         # label terms always run (and are logged); teacher terms when a teacher teaches and is weighted
         active = [n for n, w in self.weights.items() if not self.specs[n].needs_teacher or (teaching and w > 0)]
         views = self.teacher.views(batch) if any(self.specs[n].needs_teacher for n in active) else []
-        # the loader says whether every image has a label; else ask the device
-        values = modules.losses(self._inputs(inp, views, active, batch.get("labeled", False)))
+        # the loader counts the labeled images (first in the batch); else ask the device
+        n_labeled = batch["n_labeled"] if "n_labeled" in batch else None
+        values = modules.losses(self._inputs(inp, views, active, n_labeled))
         loss = sum(self.weights[n] * v for n, v in values.items() if self.weights[n] > 0)
         if not torch.is_tensor(loss):
             loss = s_logits.float().sum() * 0.0
         return {"loss": loss, **values, "logits": s_logits}
 
     def _inputs(self, inp: LossInputs, views: list[TeacherView], active: list[str],
-                all_labeled: bool = False) -> dict[str, list[tuple[float, LossInputs]]]:
-        """Each term's weighted inputs. Terms that need labels see only the labeled images;
+                n_labeled: int | None = None) -> dict[str, list[tuple[float, LossInputs]]]:
+        """Each term's weighted inputs. Terms that need labels see only the labeled images
+        (the first ``n_labeled``, as the loader orders them; None: found on the device);
         label-free terms see all of them (without targets when some are unlabeled), once per
         teacher view; a view over a subset of the classes meets the student's logits over
         those classes, label-free."""
-        labeled = None
-        if inp.targets is not None and not inp.targets.is_floating_point() and not all_labeled:
-            mask = inp.targets >= 0
-            labeled = None if bool(mask.all()) else mask
+        labeled = None  # None: every image has a label; else a slice or mask picking those that do
+        if inp.targets is not None and not inp.targets.is_floating_point():
+            if n_labeled is None:
+                mask = inp.targets >= 0
+                labeled = None if bool(mask.all()) else mask
+            elif n_labeled < len(inp.targets):
+                labeled = slice(0, n_labeled)
         free = inp if labeled is None else dataclasses.replace(inp, targets=None)
         out = {}
         for name in active:

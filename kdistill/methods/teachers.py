@@ -43,13 +43,36 @@ class Teacher(nn.Module):
         self.name = name
         self.classes = classes
         self.class_index = class_index
+        self.dtype: torch.dtype | None = None  # None: as loaded, under the caller's autocast
 
     def train(self, mode: bool = True) -> "Teacher":  # always in eval mode (BN, dropout)
         return super().train(False)
 
+    def run_in(self, dtype: torch.dtype) -> "Teacher":
+        """Run from now on with weights in ``dtype`` (bf16 under a bf16 run: no per-call
+        weight casts by autocast), channels_last for a convolutional model, in inference
+        mode, whatever the caller's autocast state."""
+        self.dtype = dtype
+        self.model.to(dtype)
+        if any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            self.model.to(memory_format=torch.channels_last)
+            self.prep.channels_last = True
+        return self
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.prep(x)).float()
+        if self.dtype is None:
+            return self.model(self.prep(x)).float()
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+            out = self.model(self.prep(x).to(self.dtype))
+        return out.float().clone()  # a normal tensor: losses may save it for backward
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """``class_index`` as a tensor on ``device``, made once (not a host-to-device copy per step)."""
+        cached = self.__dict__.get("_index")
+        if cached is None or cached.device != device:
+            cached = self.__dict__["_index"] = torch.as_tensor(self.class_index, device=device)
+        return cached
 
 
 def _map_classes(spec: str, t_classes: list[str], classes: list[str]) -> list[int] | None:
@@ -256,12 +279,13 @@ class FrozenTeachers(TeacherSource):
             self.capture.clear()
         outs = [t(x) for t in self.teachers]
         if self.per_teacher:
-            return [TeacherView(o, torch.as_tensor(t.class_index, device=o.device), w)
+            return [TeacherView(o, t.index_on(o.device), w)
                     for t, w, o in zip(self.teachers, self.weights, outs)]
         view = TeacherView(self._combine(outs))
         if self.capture is not None:
-            view.features = [f.detach() for f in self.capture.features()]
-            view.embed = None if self.capture.embed is None else self.capture.embed.detach()
+            # clones: a teacher in inference mode (run_in) captures inference tensors
+            view.features = [f.detach().clone() for f in self.capture.features()]
+            view.embed = None if self.capture.embed is None else self.capture.embed.detach().clone()
         return [view]
 
     def _combine(self, outs: list[torch.Tensor]) -> torch.Tensor:
@@ -280,7 +304,7 @@ class FrozenTeachers(TeacherSource):
         total = outs[0].new_zeros(b, self.num_classes)
         norm = outs[0].new_zeros(self.num_classes)
         for t, w, o in zip(self.teachers, self.weights, outs):
-            idx = torch.as_tensor(t.class_index, device=o.device)
+            idx = t.index_on(o.device)
             total.index_add_(1, idx, w * o)
             norm.index_add_(0, idx, torch.full_like(idx, w, dtype=o.dtype))
         return total / norm
@@ -365,10 +389,12 @@ class EmaTeacher(FrozenTeachers):
     def after_step(self, student: nn.Module) -> None:
         if not self.on:
             return
-        for t, s in zip(self.model.state_dict().values(), student.state_dict().values()):
-            if t.is_floating_point():
-                t.lerp_(s.detach(), 1 - self.decay)
-            else:
+        pairs = list(zip(self.model.state_dict().values(), student.state_dict().values()))
+        floats = [(t, s.detach()) for t, s in pairs if t.is_floating_point()]
+        if floats:  # one multi-tensor kernel, not one lerp per tensor
+            torch._foreach_lerp_([t for t, _ in floats], [s for _, s in floats], 1 - self.decay)
+        for t, s in pairs:
+            if not t.is_floating_point():
                 t.copy_(s)
 
     def extra_state(self) -> dict:

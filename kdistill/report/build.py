@@ -7,7 +7,6 @@ and write the page atomically, so a failure never leaves a half-written report.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,13 +47,6 @@ class RunReport:
                 "kl_to_teacher": self.vs_teacher.get("kl_to_teacher"), "ece": self.calibration["ece"],
                 "train_seconds": gather.training_seconds(self.log), "precision": self.run.meta.get("precision"),
                 "cached": self.scores.cached}
-
-
-def readable(path: Path) -> None:
-    """Give a file the permissions the umask allows (atomic writes create it private)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def open_runs(specs: list[str], teacher: str | None) -> tuple[list[gather.Run], gather.Run | None, list[str]]:
@@ -130,5 +122,4 @@ def build_report(specs: list[str], data: str, out: str | Path, split: str = Eval
     }
     html = render(reports, source, context)
     atomic_write_text(out, html)
-    readable(out)
     return {"out": str(out), "rows": [rep.row() for rep in reports]}
