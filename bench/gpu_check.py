@@ -461,10 +461,10 @@ def worker(spec: dict) -> int:
         torch.set_num_threads(1)
     import timm
 
-    emit(meta=dict(device=torch.cuda.get_device_name() if cuda else "CPU (--tiny: CUDA-only arms skipped)",
+    emit(meta=dict(device=torch.cuda.get_device_name() if cuda else "CPU (CUDA-only parts skipped)",
                    torch=torch.__version__, timm=timm.__version__, python=sys.version.split()[0],
                    cpus=os.cpu_count(), capability=".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
-                   cudnn_benchmark=torch.backends.cudnn.benchmark))
+                   cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None))
     if not (Path(spec["teacher"]) / "best.safetensors").is_file():  # a 1-step run: weights do not matter
         rc = kdistill_main(["train", "--data", spec["data"], "--model", spec["t_arch"], "--epochs", "1", "--out",
                             spec["teacher"], "--no-progress", "--batch-size", "8", "-o", "train.max_steps_per_epoch=1",
@@ -489,7 +489,7 @@ def worker(spec: dict) -> int:
             traceback.print_exc()
             row = dict(status=f"error: {type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}")
         emit(row={**base, **row, "seconds": round(time.perf_counter() - started, 1)})
-        if cuda and row["status"].startswith("error") and ("CUDA error" in row["status"] or "AcceleratorError" in row["status"]):
+        if cuda and any(k in row.get("status", "") for k in ("CUDA error", "AcceleratorError")):
             return 3  # the GPU is unusable in this process: the parent starts a new worker for the rest
         gc.collect()
         if cuda:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,20 @@ def test_rank_with_an_unreadable_batch_stays_in_step(tmp_path):
     assert load_state(out / "last.pt")["global_step"] == 4  # 2 windows per epoch, none lost
 
 
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 alone sees a NaN loss: at the next check both ranks stop with the same line
+    (before, rank 0 went on into the next collective and waited there)."""
+    root = make_folder(tmp_path / "data", {"train": 24, "val": 2})
+    out = tmp_path / "run"
+    start = time.monotonic()
+    proc = _run_ranks(["nan", str(root), str(out), "train.sync_every=1", "train.epochs=2"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if "TrainingError: loss became nan" in ln]
+    assert len(lines) == 2 and all("step 2 on rank 1" in ln for ln in lines), proc.stderr[-2000:]
+    assert time.monotonic() - start < 100
+    assert not (out / "last.pt").exists()  # stopped in epoch 1, before anything was saved
+
+
 @pytest.mark.parametrize("teacher", ["run", "self-ema"])
 def test_distill_with_adapters_keeps_one_ddp_and_ranks_in_step(teacher, tiny_root, trained_run, tmp_path):
     """FitNets hints (1x1-conv + BN adapters) under 2 gloo ranks: student and adapters live in
@@ -152,6 +167,19 @@ def _worker(kind: str, root: str, out: str, *overrides: str) -> None:
                     "find_unused_parameters": ddps[0].find_unused_parameters}
             (Path(out) / f"rank{dist.rank()}.json").write_text(json.dumps(info))
             params = dict(method.trainable().named_parameters())
+        elif kind == "nan":  # rank 1's loss turns NaN at its second step
+            class NanOnRank1(Supervised):
+                steps = 0
+
+                def step(self, modules, batch):
+                    out = super().step(modules, batch)
+                    self.steps += 1
+                    if dist.rank() == 1 and self.steps == 2:
+                        out["loss"] = out["loss"] * float("nan")
+                    return out
+
+            run_mod.fit(ctx, NanOnRank1(ctx.student, ctx.student_prep()))
+            return
         else:
             method = Supervised(ctx.student, ctx.student_prep())
             run_mod.fit(ctx, method)
