@@ -82,10 +82,10 @@ def synthetic(root: Path, size: int, n_train: int, classes: int = 10) -> Path:
         blobs.append(buf.getvalue())
     for split, n in (("train", n_train), ("val", 2 * classes)):
         for i in range(n):
-            (root / split / f"c{i % classes}").mkdir(parents=True, exist_ok=True)
-            path, first = root / split / f"c{i % classes}" / f"{i}.jpg", root / "train" / f"c{i % 64 % classes}" / f"{i % 64}.jpg"
-            try:
-                os.link(first, path)
+            path = root / split / f"c{i % classes}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:  # the same bytes as training image i % 64
+                os.link(root / "train" / f"c{i % 64 % classes}" / f"{i % 64}.jpg", path)
             except OSError:  # the first 64 training files, or a file system without hard links
                 path.write_bytes(blobs[i % 64])
     return root
@@ -116,13 +116,10 @@ def header() -> str:
 def table(rows: list[dict]) -> str:
     lines = [header()] + [fmt(r, ratio_of(r, rows)) for r in rows]
     for r in rows:
-        if r["arm"] == "plain" and r.get("img_s"):
-            stud = next((s for s in rows if s["arm"] == "student" and s["pair"] == r["pair"]
-                         and s["precision"] == r["precision"] and s.get("img_s")), None)
-            if stud:
-                x = stud["img_s"] / r["img_s"]
-                lines.append(f"target: kdistill student / plain PyTorch loop, {r['pair']} {r['precision']}: "
-                             f"{x:.2f}x ({'met' if x >= 0.95 else 'NOT met'}, target >= 0.95x)")
+        plain = ratio_of(r, rows) if r["arm"] == "plain" else None  # plain / student
+        if plain:
+            lines.append(f"target: kdistill student / plain PyTorch loop, {r['pair']} {r['precision']}: "
+                         f"{1 / plain:.2f}x ({'met' if 1 / plain >= 0.95 else 'NOT met'}, target >= 0.95x)")
     return "\n".join(lines)
 
 
@@ -180,8 +177,8 @@ def run_group(group: dict, spec: dict, limits: dict, deadline: float, report: Re
         group_kw = {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, **group_kw)
-        print(f"-- {group['pair']}: worker for {len(pending)} arm(s){' under torchrun' if group.get('torchrun') else ''}",
-              flush=True)
+        launcher = " under torchrun" if group.get("torchrun") else ""
+        print(f"-- {group['pair']}: worker for {len(pending)} arm(s){launcher}", flush=True)
         q: queue.Queue = queue.Queue()
         tail: deque = deque(maxlen=20)
         threads = [threading.Thread(target=_reader, args=(proc.stdout, q, log, None), daemon=True),
@@ -247,7 +244,7 @@ def main() -> int:
         return worker(json.loads(Path(args.worker).read_text()))
     limits = dict(SMALL if args.tiny else GPU)
     batch = args.batch_size or limits["batch"]
-    out = Path(args.out) if args.out else (Path(os.environ["OUT"]) if os.environ.get("OUT") else ROOT / "runs") / "gpu_check.json"
+    out = Path(args.out or Path(os.environ.get("OUT") or ROOT / "runs") / "gpu_check.json")
     deadline = time.time() + (args.budget or limits["budget"])
     pairs = TINY if args.tiny else PAIRS
     groups = [dict(pair=p, arms=[(prec, a) for prec in PRECISIONS for a in ARMS]) for p in pairs]
@@ -265,7 +262,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as work, open(out.with_suffix(".log"), "w") as log:
         for group in groups:
             if group.get("torchrun") and args.tiny:  # nccl needs CUDA: no torchrun launch in the smoke test
-                report.add(dict(pair=group["pair"], precision="bf16", arm=DDP_ARM, status="skipped: CUDA only (nccl DDP)"))
+                report.add(dict(pair=group["pair"], precision="bf16", arm=DDP_ARM,
+                                status="skipped: CUDA only (nccl DDP)"))
                 continue
             t_arch, s_arch, size = pairs[group["pair"]]
             data = Path(work) / f"data{size}"
@@ -275,8 +273,9 @@ def main() -> int:
                         s_arch=s_arch, size=size, batch=batch, steps=limits["steps"], workers=limits["workers"],
                         tiny=args.tiny)
             run_group(group, spec, limits, deadline, report, log, args.hang)
-    print(f"\n== gpu_check: {report.meta.get('device', '?')}, torch {report.meta.get('torch', '?')}, "
-          f"batch {batch}, steps {limits['steps']}\n{table(report.rows)}", flush=True)
+    print(f"\n== gpu_check: {report.meta.get('device', '?')}, torch {report.meta.get('torch', '?')}, batch {batch}, "
+          f"steps {limits['steps']}{' (smoke test: the numbers mean nothing)' if args.tiny else ''}\n"
+          f"{table(report.rows)}", flush=True)
     bad = [r for r in report.rows if r["status"].startswith(("error", "timeout"))]
     return 1 if bad else 0
 
@@ -291,7 +290,7 @@ def emit(**msg) -> None:
         print(PREFIX + json.dumps(msg), flush=True)
 
 
-def measure(run, steps, batch: int, cuda: bool) -> dict:
+def measure(run, steps, cuda: bool) -> dict:
     """Steady-state img/s and host syncs per step from ``run(n)`` (n steps -> images), after
     a warm-up; peak GPU memory over the two timed epochs."""
     import warnings
@@ -368,7 +367,7 @@ def kdistill_arm(spec: dict, prec: str, arm: str, device: str, run_dir: Path) ->
         t.cfg.train.max_steps_per_epoch = n
         return t.train_epoch(next(epoch)).images
 
-    row = measure(run, spec["steps"], batch, cuda)
+    row = measure(run, spec["steps"], cuda)
     n, t0 = 0, time.perf_counter()
     for b in t.train_loader:  # the loader alone: batches to the device, no model
         t._to_device(b)
@@ -381,12 +380,13 @@ def kdistill_arm(spec: dict, prec: str, arm: str, device: str, run_dir: Path) ->
     row.update(precision_ran=t.precision.name, scaler=t.scaler.is_enabled(),
                ddp=f"{torch.distributed.get_backend()}, world {dist.world_size()}" if t.method.ddp_modules() else None)
     if arm == DDP_ARM and not row["ddp"]:
-        row["status"] = "ok (no DDP wrap: KDISTILL_FORCE_DDP=1 not honoured by this checkout)"
+        row["status"] = "error: no DDP wrap under torchrun with KDISTILL_FORCE_DDP=1"
     src = t.method.teacher
     if isinstance(src, FrozenTeachers):
         x = torch.randint(0, 256, (batch, 3, spec["size"], spec["size"]), dtype=torch.uint8, device=device)
         iters = 20 if cuda else 2
         row["runtime"] = ",".join(getattr(te, "runtime", "eager") for te in src.teachers)
+        row["eager_weights"] = [str(getattr(te, "dtype", None) or "as loaded") for te in src.teachers]
         row["graphs"] = [te.runner.graphs for te in src.teachers if hasattr(getattr(te, "runner", None), "graphs")]
         with t.autocast():
             row["tfwd_eager"] = rate(lambda v: [Teacher.forward(te, v) for te in src.teachers], x, iters, cuda)
@@ -435,7 +435,7 @@ def plain_arm(spec: dict, prec: str, device: str) -> dict:
         return steps * batch
 
     try:
-        return dict(measure(run, spec["steps"], batch, fused), precision_ran=prec, scaler=scaler.is_enabled(),
+        return dict(measure(run, spec["steps"], fused), precision_ran=prec, scaler=scaler.is_enabled(),
                     fused_sgd=fused, cudnn_benchmark=fused)
     finally:
         torch.backends.cudnn.benchmark = benchmark
@@ -463,12 +463,13 @@ def worker(spec: dict) -> int:
 
     emit(meta=dict(device=torch.cuda.get_device_name() if cuda else "CPU (CUDA-only parts skipped)",
                    torch=torch.__version__, timm=timm.__version__, python=sys.version.split()[0],
-                   cpus=os.cpu_count(), capability=".".join(map(str, torch.cuda.get_device_capability())) if cuda else None,
+                   cpus=os.cpu_count(), capability=torch.cuda.get_device_capability() if cuda else None,
                    cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version() if cuda else None))
     if not (Path(spec["teacher"]) / "best.safetensors").is_file():  # a 1-step run: weights do not matter
         rc = kdistill_main(["train", "--data", spec["data"], "--model", spec["t_arch"], "--epochs", "1", "--out",
                             spec["teacher"], "--no-progress", "--batch-size", "8", "-o", "train.max_steps_per_epoch=1",
-                            "-o", f"data.image_size={spec['size']}", "-o", f"train.device={device}", "-o", "data.workers=0",
+                            "-o", f"data.image_size={spec['size']}", "-o", f"train.device={device}",
+                            "-o", "data.workers=0",
                             "-o", "data.max_train_images=64", "-o", "data.in_memory=no",
                             "-o", "data.mean=[0.5,0.5,0.5]", "-o", "data.std=[0.25,0.25,0.25]"])
         if rc:

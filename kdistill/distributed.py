@@ -95,14 +95,6 @@ def cleanup() -> None:
         td.destroy_process_group()
 
 
-def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if is_distributed():
-        values = values.clone()
-        td.all_reduce(values)
-        values /= world_size()
-    return values
-
-
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         values = values.clone()
@@ -112,29 +104,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 #: fp32 bytes per all-reduce in all_reduce_sum_chunked (4 MiB: 1,000 rows of 1,000 classes)
 REDUCE_CHUNK_BYTES = 4 << 20
-
-
-def all_reduce_grads_mean(params: list[torch.nn.Parameter]) -> None:
-    """Average gradients over ranks as DDP does (for a step whose last backward ran outside
-    DDP): a parameter with a gradient on any rank gets the mean (zeros where a rank has
-    none); the others stay without one. One flat all-reduce."""
-    if not is_distributed() or not params:
-        return
-    device = params[0].device
-    has = all_reduce_sum(torch.tensor([int(p.grad is not None) for p in params], device=device))
-    grads = []
-    for p, h in zip(params, has.tolist()):
-        if h:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
-    if not grads:
-        return
-    flat = all_reduce_mean(torch.cat([g.flatten().float() for g in grads]))
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def all_reduce_sum_chunked(table: torch.Tensor, device: torch.device,

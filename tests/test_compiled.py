@@ -123,8 +123,8 @@ def test_gpu_check_runs_on_cpu_with_tiny_models(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--out", str(out), "--hang", "fp16/KD fixed"],
-                          cwd=root, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--tiny", "--out", str(out),
+                           "--hang", "fp16/KD fixed"], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:] + proc.stdout[-3000:]  # 1: the arm made to hang timed out
     doc = json.loads(out.read_text())
     rows = {(r["precision"], r["arm"]): r for r in doc["rows"]}

@@ -108,3 +108,23 @@ def test_resume_with_persistent_workers_matches_uninterrupted(tiny_root, tmp_pat
     for other in (killed, inline):
         assert same_weights(clean / "last.safetensors", other / "last.safetensors"), other.name
         assert strip(rows(clean)) == strip(rows(other)), other.name
+
+
+@pytest.mark.parametrize("cpus, gpus, local_world, want", [
+    (16, 1, None, 8), (16, 4, None, 4), (16, 8, "8", 2), (16, 1, "4", 4), (3, 4, None, 1)])
+def test_workers_auto_is_the_cpus_per_gpu_on_cuda(cpus, gpus, local_world, want, monkeypatch):
+    """data.workers=auto: CPUs per local GPU (or per torchrun process of the node), 1 to 8; 2
+    on a CPU, as before; a number stays that number."""
+    from kdistill.config import DataConfig, build_config
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+    if local_world:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    dc = build_config(overrides=["data.workers=auto"]).data
+    assert (dc.num_workers(cuda=True), dc.num_workers(cuda=False)) == (want, 2)
+    assert DataConfig(workers=5).num_workers(cuda=True) == 5
+    assert (dc.keep_workers(True), dc.keep_workers(False)) == (True, False)
+    assert build_config(overrides=["data.persistent_workers=true"]).data.keep_workers(False) is True

@@ -124,7 +124,8 @@ def mix(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 class ViewDataset(Dataset):
-    """Training images as replayable views; ``set_epoch(e)`` selects view ``e``.
+    """Training images as replayable views; ``set_epoch(e)`` selects view ``e`` (in training,
+    ``datasets.EpochItems`` calls it from each item's key, in the process that makes it).
 
     ``params`` (a callable ``(view, index) -> tensor``) replays stored views (a soft-label
     cache) instead of drawing new ones; ``extras`` adds per-(view, index) entries (e.g. the

@@ -26,7 +26,7 @@ RECORD = "run.json"
 FORMAT = 1
 
 #: keys that cannot change what a run computes: they may differ on resume
-RESULT_FREE = {"data.workers", "data.in_memory", "train.progress", "train.sync_every", "train.device", "train.threads",
+RESULT_FREE = {"data.workers", "data.persistent_workers", "data.in_memory", "train.progress", "train.sync_every", "train.device", "train.threads",
                "train.resume", "train.out", "model.compile", "model.channels_last", "distill.teacher_runtime",
                "ssld.workers", "ssld.batch_size", "ssld.keep_work", "ssld.teacher_runtime", "ssld.shard_size"}
 RESULT_FREE_PREFIXES = ("eval.",)

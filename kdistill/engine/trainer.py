@@ -309,13 +309,15 @@ class Trainer:
         """A batch to step on at weight 0 when this rank has no readable image (under DDP):
         the last batch, else the first readable images of the training set."""
         from ..data.loader import collate
+        from ..data.transforms import kept_rngs
 
         if getattr(self, "_last_batch", None) is None:
             ds, items = self.train_loader.dataset, []
-            for j in range(len(ds)):
-                items += [] if "skipped" in (item := ds[j]) else [item]
-                if len(items) == 2:
-                    break
+            with kept_rngs():  # the training process's random streams stay as they were
+                for j in range(len(ds)):
+                    items += [] if "skipped" in (item := ds[j]) else [item]
+                    if len(items) == 2:
+                        break
             self._last_batch = self._to_device(collate(items))
         return self._last_batch
 
