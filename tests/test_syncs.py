@@ -20,6 +20,26 @@ LOADING = (f"{os.sep}torchvision{os.sep}", f"{os.sep}torch{os.sep}utils{os.sep}d
            f"{os.sep}kdistill{os.sep}data{os.sep}")
 
 
+def _count_calls(monkeypatch) -> dict:
+    """Count, in ``calls["n"]``, the host syncs and host-made tensors outside data loading
+    until ``monkeypatch.undo()``."""
+    calls = {"n": 0}
+
+    def counting(orig):
+        def counted(*a, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if not any(part in caller for part in LOADING):
+                calls["n"] += 1
+            return orig(*a, **k)
+        return counted
+
+    for name in SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    for name in HOST_TENSORS:  # a tensor made from host values, e.g. on the GPU: a blocking copy
+        monkeypatch.setattr(torch, name, counting(getattr(torch, name)))
+    return calls
+
+
 def _count_syncs(monkeypatch, tiny_root, trained_run, out, steps: int, sync_every: int, *extra) -> int:
     cfg = build_config(DistillConfig, overrides=[
         f"data.root={tiny_root}", "model.name=resnet8", "train.epochs=1", "train.batch_size=4",
@@ -28,27 +48,7 @@ def _count_syncs(monkeypatch, tiny_root, trained_run, out, steps: int, sync_ever
         f"distill.teachers=[{trained_run}]", "distill.teacher_runtime=eager", *extra])
     ctx = run_mod.prepare(cfg)
     method, crop = build_method(ctx, cfg.distill, build_teacher(ctx, cfg.distill))
-    calls = {"n": 0}
-    for name in SYNCS:
-        orig = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _orig=orig, **k):
-            caller = sys._getframe(1).f_code.co_filename
-            if not any(part in caller for part in LOADING):
-                calls["n"] += 1
-            return _orig(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    for name in HOST_TENSORS:  # a tensor made from host values, e.g. on the GPU: a blocking copy
-        orig = getattr(torch, name)
-
-        def made(*a, _orig=orig, **k):
-            caller = sys._getframe(1).f_code.co_filename
-            if not any(part in caller for part in LOADING):
-                calls["n"] += 1
-            return _orig(*a, **k)
-
-        monkeypatch.setattr(torch, name, made)
+    calls = _count_calls(monkeypatch)
     try:
         run_mod.fit(ctx, method, crop_size=crop)
     finally:
@@ -134,17 +134,7 @@ def test_evaluation_asks_the_device_nothing_per_batch(monkeypatch, tiny_root, tr
         src = stratified_subset(open_source(str(tiny_root), "train"), n_images)
         loader = eval_loader(eval_dataset(src, pp), 4, 0, False)
         hook = Agreement(teacher.logits, len(src), 3, torch.device("cpu"))
-        calls = {"n": 0}
-        for name in SYNCS:
-            orig = getattr(torch.Tensor, name)
-
-            def counted(self, *a, _orig=orig, **k):
-                caller = sys._getframe(1).f_code.co_filename
-                if not any(part in caller for part in LOADING):
-                    calls["n"] += 1
-                return _orig(self, *a, **k)
-
-            monkeypatch.setattr(torch.Tensor, name, counted)
+        calls = _count_calls(monkeypatch)
         try:
             for _ in range(2):  # the second pass reads the teacher's cached probabilities
                 hook.reset()

@@ -24,7 +24,8 @@ def test_mixed_batches_hold_the_set_fraction_and_replay():
     s.set_epoch(2)
     batches = list(s)
     assert len(batches) == len(s) == 14
-    assert all(sum(i >= 40 for i in b) == 3 and len(b) == 10 for b in batches)
+    assert all(e == 2 for b in batches for _, e in b)  # (index, epoch) keys
+    assert all(sum(i >= 40 for i, _ in b) == 3 and len(b) == 10 for b in batches)
     s.set_epoch(2)
     assert list(s) == batches
     s.set_epoch(3)

@@ -43,7 +43,7 @@ def subset_teacher(tmp_path_factory) -> Path:
 def _build(teacher: Path, losses: list[str]):
     from kdistill.engine.distill import DistillSection, build_teacher
 
-    ctx = SimpleNamespace(classes=CLASSES, device=torch.device("cpu"),
+    ctx = SimpleNamespace(classes=CLASSES, device=torch.device("cpu"), channels_last=False,
                           cfg=SimpleNamespace(model=SimpleNamespace(channels_last=False),
                                               train=SimpleNamespace(epochs=1)))
     return build_teacher(ctx, DistillSection(teachers=[str(teacher)], losses=losses))
