@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import sys
 import warnings
 
 import torch
@@ -58,12 +60,35 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
+#: read by ONNX Runtime once, when it is first imported; "1" creates no telemetry uploader
+TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def import_onnxruntime():
+    """``onnxruntime``, imported with its telemetry off (unless ``ORT_DISABLE_TELEMETRY`` is set).
+
+    The official Linux wheels (1.29 on) start Microsoft's 1DS telemetry uploader when they
+    are imported: a worker thread, a SQLite queue under ``~/.cache/Microsoft``, an HTTP
+    thread per upload. It uploads while the process exits, racing the interpreter's and the
+    C++ statics' teardown: an upstream cause of aborts at exit after the work is done (e.g.
+    microsoft/onnxruntime-genai#2363, zilliztech/memsearch#747). Under torchrun every rank
+    has one. ``ORT_DISABLE_TELEMETRY=1`` before the first import creates none of it; if
+    onnxruntime was imported before (by the caller), its events are switched off instead."""
+    imported = "onnxruntime" in sys.modules
+    os.environ.setdefault(TELEMETRY_ENV, "1")
+    import onnxruntime as ort
+
+    if imported and os.environ[TELEMETRY_ENV] == "1":
+        ort.disable_telemetry_events()
+    return ort
+
+
 def ort_session(model: str | bytes, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime CPU session on a file path or serialized model. ``threads``: intra-op
     threads (None: ORT's default, one per core); ``spinning=False`` makes its idle threads
     sleep instead of spinning, so they leave the cores to PyTorch between calls (a teacher
     running beside the student's backward pass)."""
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     opts = ort.SessionOptions()
     if threads:

@@ -116,9 +116,9 @@ def machine() -> str:
     line = (f"{os.cpu_count()} cores ({cpu}){gpu}, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads)")
     try:
-        import onnxruntime
+        from .onnx import import_onnxruntime
 
-        line += f", onnxruntime {onnxruntime.__version__}"
+        line += f", onnxruntime {import_onnxruntime().__version__}"
     except ImportError:
         pass
     return f"{line}, {platform.system()}"
