@@ -34,6 +34,24 @@ def arg(default: Any, help: str, metavar: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
+def resolve_workers(workers: int | str, cuda: bool) -> int:
+    """``data.workers`` (a count or ``auto``) as a count. ``auto`` on CUDA: the CPUs this
+    process may use per local GPU (or per process of the node under torchrun, if more), at
+    most 8. On a CPU, 2 (the default before ``auto``): the training step runs on every
+    core, each worker takes one."""
+    if workers != "auto":
+        return int(workers)
+    if not cuda:
+        return 2
+    import os
+
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    gpus = max(1, torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, min(8, cpus // gpus))
+
+
 @dataclass
 class DataConfig:
     """Where images come from and how they are augmented."""
@@ -85,20 +103,8 @@ class DataConfig:
             _check(v is None or v > 0, f"data.{key}", "must be > 0")
 
     def num_workers(self, cuda: bool) -> int:
-        """``workers`` as a count. ``auto`` on CUDA: the CPUs this process may use per local GPU
-        (or per process of the node under torchrun, if more), at most 8. On a CPU, 2 (the
-        default before ``auto``): the training step runs on every core, each worker takes one."""
-        if self.workers != "auto":
-            return self.workers
-        if not cuda:
-            return 2
-        import os
-
-        import torch
-
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        gpus = max(1, torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        return max(1, min(8, cpus // gpus))
+        """``workers`` as a count (:func:`resolve_workers`)."""
+        return resolve_workers(self.workers, cuda)
 
     def keep_workers(self, cuda: bool) -> bool:
         """``persistent_workers``: ``auto`` keeps them on CUDA."""

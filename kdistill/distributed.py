@@ -95,6 +95,15 @@ def cleanup() -> None:
         td.destroy_process_group()
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    parts: list = [None] * world_size()
+    td.all_gather_object(parts, obj)
+    return parts
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         values = values.clone()

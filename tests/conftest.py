@@ -103,3 +103,23 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
 
 
 TRAIN_ARGS = ["--workers", "0", "--no-progress", "--batch-size", "16"]
+
+
+def torchrun(script: Path | str, *args: str, nproc: int = 2, cwd: Path = ROOT, env: dict | None = None,
+             timeout: int = 180) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=NPROC SCRIPT ARGS`` on CPU in ``cwd``;
+    on a timeout (a hung collective) the launcher and its ranks are killed, then the test fails."""
+    import signal
+
+    full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           str(script), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
+                            cwd=cwd, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"torchrun hung for {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -1,16 +1,13 @@
 """Under torchrun (gloo on CPU): one run folder for all ranks without --out, and the DDP
 path at world size 1 with KDISTILL_FORCE_DDP=1."""
 import json
-import os
-import signal
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import torchrun
 
 # Runs `kdistill ARGS` with rank R's clock R seconds late (ranks that start either side of
 # a second, or nodes whose clocks differ) and records whether the method was DDP-wrapped.
@@ -41,23 +38,10 @@ PROBE = textwrap.dedent("""
 """)
 
 
-def torchrun(cwd: Path, nproc: int, *args: str, env: dict | None = None,
-             timeout: int = 240) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node=NPROC PROBE ARGS`` on CPU in ``cwd``; a hang fails the test."""
+def run_probe(cwd: Path, nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=NPROC PROBE ARGS`` on CPU in ``cwd``."""
     (cwd / "probe.py").write_text(PROBE)
-    full = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           "probe.py", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full,
-                            cwd=cwd, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun hung for {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
+    return torchrun("probe.py", *args, nproc=nproc, cwd=cwd, env=env, timeout=240)
 
 def _train(root) -> list[str]:
     return ["train", "--data", str(root), "--model", "resnet8", "--epochs", "1", "--batch-size", "8",
@@ -65,7 +49,7 @@ def _train(root) -> list[str]:
 
 
 def test_ranks_without_out_share_rank0s_run_folder(tiny_root, tmp_path):
-    proc = torchrun(tmp_path, 2, *_train(tiny_root))
+    proc = run_probe(tmp_path, 2, *_train(tiny_root))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["resnet8-20300102-030405"]
     summary = json.loads((tmp_path / "runs" / "resnet8-20300102-030405" / "summary.json").read_text())
@@ -75,8 +59,8 @@ def test_ranks_without_out_share_rank0s_run_folder(tiny_root, tmp_path):
 @pytest.mark.parametrize("force", [True, False])
 def test_force_ddp_at_world_size_one(force, tiny_root, tmp_path):
     """``torchrun --nproc_per_node=1`` takes the DDP path only with KDISTILL_FORCE_DDP=1."""
-    proc = torchrun(tmp_path, 1, *_train(tiny_root), "--out", "run",
-                    env={"KDISTILL_FORCE_DDP": "1" if force else "0"})
+    proc = run_probe(tmp_path, 1, *_train(tiny_root), "--out", "run",
+                     env={"KDISTILL_FORCE_DDP": "1" if force else "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "wrapped-rank0").is_file() == force
     assert ("KDISTILL_FORCE_DDP=1: process group (gloo) and DDP at world size 1" in proc.stderr) == force

@@ -1,17 +1,12 @@
 """Commands under torchrun (2 CPU processes, gloo): only rank 0 writes the run's own files."""
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 
 from kdistill.models.checkpoint import read_meta
 
-from conftest import ROOT, make_folder
+from conftest import make_folder, torchrun
 
 # Runs `kdistill ARGS` in each rank, recording every atomic write and file copy it makes
 # (rank, path) in LOG_DIR/writes-rank<R>.txt.
@@ -47,23 +42,6 @@ PROBE = textwrap.dedent("""
     shutil.copyfile = logged_copyfile
     raise SystemExit(main(argv))
 """)
-
-
-def torchrun(script: Path, *args: str, timeout: int = 180) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node=2 SCRIPT ARGS`` on CPU; on a timeout
-    (a hung collective) the launcher and both ranks are killed, then the test fails."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(script), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            cwd=ROOT, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"torchrun hung for {timeout} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def writes(log_dir: Path, rank: int) -> list[Path]:

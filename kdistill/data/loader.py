@@ -230,13 +230,9 @@ class SkipLog:
     def add(self, split: str, skipped: Iterable[tuple[str, str]]) -> int:
         """Record this rank's ``(path, reason)`` pairs of ``split``; -> how many distinct images
         they are over all ranks."""
-        met = {p: " ".join(why.split()) for p, why in skipped}
-        if dist.is_distributed():  # once per epoch or evaluation, on the host
-            import torch.distributed as td
-
-            parts: list = [None] * dist.world_size()
-            td.all_gather_object(parts, met)
-            met = {p: why for part in parts for p, why in part.items()}
+        mine = {p: " ".join(why.split()) for p, why in skipped}
+        # once per epoch or evaluation, on the host
+        met = {p: why for part in dist.all_gather_object(mine) for p, why in part.items()}
         new = {p: (split, why) for p, why in met.items() if p not in self.entries}
         if new:
             self.entries.update(new)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import distributed as dist
-from ..config import Config, DataConfig, EvalConfig, TeacherRuntime, TrainConfig
+from ..config import Config, DataConfig, EvalConfig, TeacherRuntime, TrainConfig, resolve_workers
 from ..console import log
 from ..data.datasets import Splits, eval_dataset, open_splits, resolve_preprocessing, train_dataset
 from ..data.loader import EpochLoader, eval_loader, make_mixer
@@ -53,8 +53,9 @@ class RunContext:
 
 def use_channels_last(setting: bool | str, model: nn.Module, device: torch.device, cfg: Config) -> bool:
     """``model.channels_last``: ``auto`` is on for a convolutional model on CUDA and on a CPU
-    that autocasts to bf16 (resnet56 -> resnet20, bf16, 2-core AVX512: online KD 365 -> 452
-    img/s, the student alone 778 -> 878); fp32 CPU kernels gain nothing from it."""
+    that autocasts to bf16, where issue 25's review measured it faster (resnet56 -> resnet20,
+    bf16, 2-core AVX512: online KD 365 -> 452 img/s, the student alone 778 -> 878; not yet
+    rerun with bench/speed.py); off for fp32 on a CPU."""
     if setting != "auto":
         return bool(setting)
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
@@ -96,11 +97,13 @@ def run_stage(out: Path, cfg: Config, start: Callable[[bool], dict], name: str, 
     """Reuse a finished run folder ``out``, resume an interrupted one, else start it.
 
     ``cfg`` is the stage's config: a finished or interrupted stage made with other settings
-    or data is refused first (:func:`record.check`). Returns ``out``'s summary when it
+    or data is refused (:func:`record.check`, here or in :func:`prepare`). Returns ``out``'s summary when it
     finished ``cfg.train.epochs`` epochs, else ``start(resume)``, with ``resume`` true when
     ``out`` holds a checkpoint to continue. Under torchrun every rank takes rank 0's
     decision: a rank that reused while another trained would hang."""
-    record.check(out, cfg, what, compare=(out / "last.pt").is_file())
+    # a finished stage is checked here; an interrupted one by the run that resumes it (prepare)
+    if dist.broadcast_object(dist.is_main() and (out / "summary.json").is_file()):
+        record.check(out, cfg, what)
     done = None
     if dist.is_main() and (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
@@ -236,7 +239,7 @@ def evaluate_model(model: nn.Module, meta: dict, source, device: torch.device, t
 
     pp = meta_preprocessing(meta)
     cuda = device.type == "cuda"
-    workers = DataConfig(workers=workers).num_workers(cuda)  # a count, or 'auto'
+    workers = resolve_workers(workers, cuda)
     loader = eval_loader(eval_dataset(source, pp), batch_size, workers, cuda)
     result = evaluate(model, Preprocess(pp).to(device), loader, meta["num_classes"], device, tta=tta,
                       on_batch=on_batch)

@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .. import distributed as dist
 from ..config import _check
 from ..console import log
@@ -70,7 +68,7 @@ class SSLDSection(MineConfig):
         if self.batch_size is None:
             values["batch_size"] = cfg.eval.batch_size
         if self.workers is None:
-            values["workers"] = cfg.data.num_workers(torch.cuda.is_available() and cfg.train.device != "cpu")
+            values["workers"] = cfg.data.num_workers(resolve_device(cfg.train.device).type == "cuda")
         return MineConfig(**values)
 
 
