@@ -56,11 +56,15 @@ def resolve_workers(workers: int | str, cuda: bool) -> int:
 class DataConfig:
     """Where images come from and how they are augmented."""
 
-    root: str = ""  # folder with train/ val/ [test/], a list file, or 'fashion-mnist'
-    train: str | None = None  # explicit split sources (folder or list file), else from root
+    root: str = ""  # folder with train/ val/ [test/], a list file, wds:DIR, hf:DIR, or 'fashion-mnist'
+    train: str | None = None  # explicit split sources (folder, list file, wds:PATTERN, parquet:GLOB), else from root
     val: str | None = None
     test: str | None = None
     class_map: str | None = None  # PaddleClas 'id name' file naming list-file labels
+    # sharded sources: the sample's image member / column (wds: jpg;jpeg;png;webp, hf: image)
+    # and label member / column (wds: cls, hf: label); None: those defaults
+    image_key: str | None = None
+    label_key: str | None = None
     image_size: int | None = None  # None: the model's input size, else the images' own size
     mean: list[float] | None = None  # None: the pretrained model's, else dataset statistics
     std: list[float] | None = None
