@@ -39,6 +39,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from .config import workers_flag
+
     p.add_argument("--data", metavar="ROOT", help="folder with train/ val/, a list file, or fashion-mnist")
     p.add_argument("--model", metavar="NAME", help="see `kdistill list models`")
     p.add_argument("--epochs", type=int)
@@ -48,7 +50,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt", metavar="NAME", help="timm optimizer name: sgd, adamw, ...")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--workers", type=int, help="DataLoader worker processes")
+    p.add_argument("--workers", type=workers_flag, help="DataLoader worker processes (a count or auto)")
     p.add_argument("--ema", type=float, metavar="DECAY", help="weight EMA decay, e.g. 0.999")
     p.add_argument("--image-size", type=int)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -219,14 +221,14 @@ def _print_summary(summary: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .config import EvalConfig, from_args
+    from .config import EvalConfig, eval_workers, from_args
     from .engine.run import evaluate_run
 
     if not args.data:
         raise UserError("eval needs --data ROOT (the data to evaluate on)")
     ec = from_args(EvalConfig, args)
     summary, report = evaluate_run(args.run, args.data, ec.split, ec.tta, ec.batch_size,
-                                   args.workers, args.device, args.report, args.teacher or [],
+                                   eval_workers(args.workers, args.device), args.device, args.report, args.teacher or [],
                                    args.teacher_runtime)
     if args.json:
         print(json.dumps(summary))
@@ -295,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kdistill", description="Knowledge distillation for image classifiers: "
                 "train a teacher, distil a small student, ship it.")
     from . import __version__
-    from .config import DataConfig, EvalConfig, TrainConfig, add_flags
+    from .config import DataConfig, EvalConfig, TrainConfig, add_flags, workers_flag
 
     p.add_argument("--version", action="version", version=f"kdistill {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -329,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="funmatch: also store a mixup partner and lambda per view")
     c.add_argument("--out", metavar="DIR")
     c.add_argument("--batch-size", type=int)
-    c.add_argument("--workers", type=int)
+    c.add_argument("--workers", type=workers_flag, help="DataLoader worker processes (a count or auto)")
     c.add_argument("--device")
     c.add_argument("--seed", type=int)
     c.add_argument("--no-progress", action="store_true")
@@ -353,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", metavar="ROOT")
     add_flags(e, EvalConfig)  # --split, --tta, --batch-size
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("--workers", type=int, default=DataConfig.workers, help="DataLoader worker processes")
+    e.add_argument("--workers", type=workers_flag, default=DataConfig.workers,
+                   help="DataLoader worker processes (a count or auto)")
     e.add_argument("--device", default=TrainConfig.device, help="auto, cpu, cuda, cuda:N")
     e.add_argument("--report", metavar="DIR", help="report folder (default beside the checkpoint)")
     e.add_argument("--teacher", action="append", metavar="RUN_OR_CKPT",

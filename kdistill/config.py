@@ -34,6 +34,29 @@ def arg(default: Any, help: str, metavar: str | None = None) -> Any:
     return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
+def workers_flag(text: str) -> int | str:
+    """A ``--workers`` value: a count >= 0 or ``auto`` (argparse ``type``)."""
+    import argparse
+
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'auto', got '{text}'")
+    return n
+
+
+def eval_workers(workers: int | str, device: str | None) -> int:
+    """``--workers`` of a command that evaluates (eval, report): ``auto`` resolved for the
+    device it runs on."""
+    from .utils import resolve_device
+
+    return resolve_workers(workers, resolve_device(device or "auto").type == "cuda")
+
+
 def resolve_workers(workers: int | str, cuda: bool) -> int:
     """``data.workers`` (a count or ``auto``) as a count. ``auto`` on CUDA: the CPUs this
     process may use per local GPU (or per process of the node under torchrun, if more), at

@@ -168,3 +168,21 @@ def test_bad_mining_values_name_the_flag_or_the_key(key, value, message):
     with pytest.raises(UserError) as err:
         build_config(SSLDConfig, overrides=[f"ssld.{key}={value}"])
     assert str(err.value) == f"config key 'ssld.{key}' {message}"
+
+
+def test_workers_flags_take_a_count_or_auto():
+    """--workers of train/distill/cache/eval/report accept ``auto`` (issue 25): train keeps
+    it as the config value (resolved on the machine that runs), eval resolves it for its device."""
+    import argparse
+
+    from kdistill.cli import build_parser
+    from kdistill.config import eval_workers, workers_flag
+
+    assert workers_flag("auto") == "auto" and workers_flag("3") == 3
+    with pytest.raises(argparse.ArgumentTypeError):
+        workers_flag("-1")
+    parser = build_parser()
+    assert parser.parse_args(["train", "--workers", "auto"]).workers == "auto"
+    assert parser.parse_args(["eval", "RUN", "--workers", "auto"]).workers == "auto"
+    assert parser.parse_args(["report", "RUN", "--workers", "0"]).workers == 0
+    assert eval_workers("auto", "cpu") == 2 and eval_workers(5, "cpu") == 5

@@ -6,7 +6,7 @@ import argparse
 
 def add_report_parser(subparsers) -> None:
     """Add ``report`` to a ``kdistill`` sub-command table."""
-    from ..config import DataConfig, EvalConfig, TrainConfig, add_flags
+    from ..config import DataConfig, EvalConfig, TrainConfig, add_flags, workers_flag
 
     r = subparsers.add_parser(
         "report", help="one self-contained HTML page comparing runs: accuracy, latency, agreement, calibration",
@@ -20,7 +20,8 @@ def add_report_parser(subparsers) -> None:
                    help="the teacher for agreement, KL and the plot marker (default: the one recorded "
                         "in the students' checkpoints)")
     r.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write (default report.html)")
-    r.add_argument("--workers", type=int, default=DataConfig.workers, help="DataLoader worker processes")
+    r.add_argument("--workers", type=workers_flag, default=DataConfig.workers,
+                   help="DataLoader worker processes (a count or auto)")
     r.add_argument("--device", default=TrainConfig.device, help="auto, cpu, cuda, cuda:N (evaluation only; "
                    "latency is measured on the CPU)")
     r.add_argument("--bench-seconds", type=float, default=0.5, metavar="S",
@@ -29,7 +30,7 @@ def add_report_parser(subparsers) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..config import EvalConfig, from_args
+    from ..config import EvalConfig, eval_workers, from_args
     from ..errors import UserError
     from .build import build_report
 
@@ -37,7 +38,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError("report needs --data ROOT (the data to evaluate on)")
     ec = from_args(EvalConfig, args)
     result = build_report(args.runs, args.data, args.out, ec.split, ec.tta, args.teacher, args.device,
-                          ec.batch_size, args.workers, args.bench_seconds)
+                          ec.batch_size, eval_workers(args.workers, args.device), args.bench_seconds)
     for row in result["rows"]:
         print(f"{row['name']:>16s}  {row['role']:7s}  top1 {row['top1']:.4f}  mpa {row['mpa']:.4f}  "
               f"{row['eager_ms_b1']:.3f} ms/img" + (f"  agreement {row['agreement']:.4f}"
