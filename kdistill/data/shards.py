@@ -320,7 +320,7 @@ class ShardWriter:
 
         name = f"{self.split}-{self.next:06d}.tar"
         with atomic_path(self.folder / name) as tmp, open(tmp, "wb") as fh:
-            writer = TarWriter(fh, encoder=False, mtime=0.0)
+            writer = TarWriter(fh, encoder=False, mtime=0)  # an int: a float mtime adds a PAX header (~1 KiB) per member
             for key, data, label, ext in self._buffer:
                 sample = {"__key__": key, ext: data}
                 if label is not None:
