@@ -230,18 +230,17 @@ class ShardBatches(Sampler[list[int]]):
 # ------------------------------------------------------------------ opening
 
 
-def open_pool(spec: str, what: str = "pool", image_key: str | None = None, eval_set: bool = False):
+def open_pool(spec: str, what: str = "pool", image_key: str | None = None):
     """A folder (recursive), a list file, ``wds:`` shards or ``hf:`` / ``parquet:`` data;
-    UserError if missing or without images. ``eval_set``: the evaluation images of
-    ``--dedup-against`` (a ``wds:DIR`` or ``hf:DIR`` gives its val and test splits)."""
+    UserError if missing or without images."""
     from ..data.shards import is_wds
 
     if is_wds(spec):
         from .tars import open_shard_pool
 
-        return open_shard_pool(spec, what, image_key, eval_set)
+        return open_shard_pool(spec, what, image_key)
     if spec.startswith(("hf:", "parquet:")):
-        return _open_arrow_pool(spec, what, image_key, eval_set)
+        return _arrow_pools(spec, what, image_key, ("unlabeled", "train"))[0]
     p = Path(spec)
     if p.is_dir():
         pool = Pool(spec, scan_images(p), True)
@@ -255,28 +254,50 @@ def open_pool(spec: str, what: str = "pool", image_key: str | None = None, eval_
     return pool
 
 
-def _open_arrow_pool(spec: str, what: str, image_key: str | None, eval_set: bool) -> list | Pool:
-    """``hf:DIR`` / ``parquet:GLOB``: the pool's ``unlabeled`` split, else its ``train``
-    split (a glob: its files); as evaluation images its ``val`` and ``test`` splits."""
+def open_eval_sets(spec: str, image_key: str | None = None) -> list:
+    """The images of one ``--dedup-against``: a folder, list file, ``wds:PATTERN`` or
+    ``parquet:GLOB`` as they are; a ``wds:DIR`` / ``hf:DIR`` / ``parquet:DIR`` root gives its
+    ``val`` and ``test`` splits (those it has)."""
+    from ..data.shards import is_wds
+
+    what = "--dedup-against"
+    if is_wds(spec):
+        from .tars import open_shard_evals
+
+        return open_shard_evals(spec, what, image_key)
+    if spec.startswith(("hf:", "parquet:")):
+        return _arrow_pools(spec, what, image_key, ("val", "test"), every=True)
+    return [open_pool(spec, what)]
+
+
+def _arrow_pools(spec: str, what: str, image_key: str | None, splits: Sequence[str],
+                 every: bool = False) -> list[ReaderPool]:
+    """Splits of ``hf:DIR`` / ``parquet:DIR``: the first of ``splits`` it has (``every``: all
+    of them it has); a ``parquet:`` glob is read as it is."""
     from ..data.arrow import open_arrow
     from ..data.sources import Source
 
-    def split(name: str, per_split: bool, required: bool) -> ReaderPool | None:
+    def pool(name: str, per_split: bool, required: bool) -> ReaderPool | None:
         found = open_arrow(spec, name, image_key=image_key, per_split=per_split, required=required)
         if found is None:
             return None
         return ReaderPool(f"{spec} ({name})", Source(name, found.classes, found.labels, reader=found.reader))
 
-    glob_like = spec.startswith("parquet:") and not os.path.isdir(spec[len("parquet:"):])
-    if glob_like:
-        found = [split("train", True, True)]
-    elif eval_set:
-        found = [s for s in (split("val", False, False), split("test", False, False)) if s is not None]
-        if not found:
-            raise UserError(f"{what} '{spec}' has no val or test split; give the evaluation split itself")
+    body = spec.split(":", 1)[1]
+    if spec.startswith("parquet:") and not os.path.isdir(body):
+        found = [pool(splits[0], True, True)]
     else:
-        found = [split("unlabeled", False, False) or split("train", False, True)]
+        found = []
+        for name in splits:
+            s = pool(name, False, False)
+            if s is not None:
+                found.append(s)
+                if not every:
+                    break
+    if not found:
+        raise UserError(f"{what} '{spec}' has no {' or '.join(splits)} split; give the split itself "
+                        "(parquet:GLOB, or a save_to_disk folder of that split)")
     for s in found:
         if len(s) == 0:
             raise UserError(f"{what} '{spec}' has no images")
-    return found if eval_set else found[0]
+    return found
