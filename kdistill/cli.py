@@ -241,6 +241,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from .engine.pack import PackConfig, pack
+
+    cfg = PackConfig(source=args.source, out=args.out, shard_size=args.shard_size,
+                     max_shard_bytes=args.max_shard_bytes, pool=args.pool, workers=args.workers,
+                     class_map=args.class_map, progress=not args.no_progress)
+    s = pack(cfg)
+    splits = ", ".join(f"{name} {v['samples']} ({v['shards']} shards)" for name, v in s["splits"].items())
+    line = f"packed {splits} -> {s['out']}: {s['bytes'] / 1e6:.1f} MB"
+    if s["written_now"]:
+        line += f", {s['written_now']} samples in {s['seconds']:.1f} s ({s['images_per_s']:.0f} images/s, {s['workers']} workers)"
+    if s["already_done"]:
+        line += f"; {s['already_done']} were already packed"
+    if s["skipped"]:
+        line += f"; {s['skipped']} unreadable files left out (listed in _pack.json)"
+    print(line)
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "models":
         from .models import list_models
@@ -349,6 +368,28 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--unlabeled-fraction", type=float, metavar="F", help="share of mined images per batch")
     sl.add_argument("--finetune-epochs", type=int, help="epochs of the labeled-only fine-tune (0: none)")
     sl.set_defaults(func=cmd_ssld, on_interrupt=RERUN)
+
+    from .engine.pack import DEFAULT_SHARD_SIZE as PACK_SHARD_SIZE
+    from .engine.pack import MAX_BYTES_HELP as PACK_BYTES_HELP
+    from .engine.pack import SHARD_SIZE_HELP as PACK_SIZE_HELP
+
+    pk = sub.add_parser("pack", help="write a data root, list file or image pool as WebDataset shards")
+    pk.add_argument("source", metavar="ROOT_OR_LIST_OR_POOL",
+                    help="folder with train/ [val/ test/ unlabeled/], a list file (its val/test "
+                         "lists beside it), fashion-mnist, or unlabeled images (with --pool, or "
+                         "a folder without subfolders)")
+    pk.add_argument("--out", metavar="DIR", help="folder for <split>-NNNNNN.tar and _info.json")
+    pk.add_argument("--shard-size", type=int, default=PACK_SHARD_SIZE, metavar="N", help=PACK_SIZE_HELP)
+    pk.add_argument("--max-shard-bytes", default="512MiB", metavar="SIZE", help=PACK_BYTES_HELP)
+    pk.add_argument("--pool", action="store_true",
+                    help="the source is unlabeled images (a nested folder or a list of paths): "
+                         "one split 'unlabeled', no labels")
+    pk.add_argument("--workers", type=workers_flag, default="auto",
+                    help="processes reading, checking and writing shards, one shard each (a count; "
+                         "0 or 1: this process alone; auto: the CPUs available, at most 8)")
+    pk.add_argument("--class-map", metavar="FILE", help="'<id> <name>' lines naming a list file's classes")
+    pk.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pk.set_defaults(func=cmd_pack, on_interrupt=RERUN)
 
     e = sub.add_parser("eval", help="top-1/top-5/MPA, per-class accuracy and confusion matrix")
     e.add_argument("run", metavar="RUN_OR_CKPT")

@@ -264,6 +264,9 @@ def open_wds(spec: str, split: str, classes: list[str] | None = None, image_key:
                         "listed shards are missing); fix the pattern or _info.json")
     info = info or {}
     keys = image_keys(image_key or info.get("image_key"))
+    entry = info["splits"].get(split) if info.get("splits") else None
+    if entry is not None and "class_counts" not in entry and (split == "unlabeled" or not info.get("classes")):
+        labeled = False  # packed without labels (an unlabeled pool): no cls member to read
     lkey = (label_key or info.get("label_key") or LABEL_KEY) if labeled else None
     if classes is None:
         classes = info.get("classes")
