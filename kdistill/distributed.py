@@ -111,26 +111,20 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-#: fp32 bytes per all-reduce in all_reduce_sum_chunked (4 MiB: 1,000 rows of 1,000 classes)
+#: fp32 bytes per reduce of a block of rows (4 MiB: 1,000 rows of 1,000 classes), e.g. the
+#: fixed-view teacher table (engine/table.py), which is never whole in memory or on the device
 REDUCE_CHUNK_BYTES = 4 << 20
 
 
-def all_reduce_sum_chunked(table: torch.Tensor, device: torch.device,
-                           chunk_bytes: int = REDUCE_CHUNK_BYTES) -> torch.Tensor:
-    """Sum a contiguous host ``table`` over ranks in place, ``chunk_bytes`` at a time: each
-    chunk goes to ``device`` as fp32, is all-reduced and written back in ``table``'s dtype.
-    The whole table never sits on the device (a teacher table at ImageNet size is
-    1.28M x 1000 x 4 bytes = 5 GB in fp32, beside the models)."""
+def reduce_sum_to_main(block: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The sum over ranks of every rank's host ``block`` (same shape everywhere), as fp32 on
+    the host of rank 0; None on the other ranks. The block goes through ``device`` (nccl
+    reduces CUDA tensors), so callers keep it small (:data:`REDUCE_CHUNK_BYTES`)."""
     if not is_distributed():
-        return table
-    flat = table.view(-1)
-    step = max(1, chunk_bytes // 4)
-    for start in range(0, flat.numel(), step):
-        part = flat[start:start + step]
-        block = part.to(device, torch.float32)
-        td.all_reduce(block)
-        part.copy_(block)
-    return table
+        return block.float()
+    sent = block.to(device, torch.float32, copy=True)
+    td.reduce(sent, dst=0)
+    return sent.cpu() if rank() == 0 else None
 
 
 def broadcast_object(obj):

@@ -66,8 +66,8 @@ def test_shared_helpers_are_leaves(leaf):
 #: files; the readers of sharded formats it routes to, shards and arrow, sit just below it),
 #: datasets (how an item is made; views and softlabels make items too), loader (how batches
 #: are formed). transforms holds the pixel operations items use; it imports no stage.
-DATA_STAGE = {"shards": -1, "sources": 0, "transforms": 0, "datasets": 1, "views": 1, "softlabels": 1,
-              "loader": 2}
+DATA_STAGE = {"shards": -1, "arrow": -1, "fmnist": -1, "sources": 0, "transforms": 0, "datasets": 1,
+              "views": 1, "softlabels": 1, "streams": 2, "loader": 3}
 
 
 def data_imports(module: str) -> set[str]:
@@ -86,7 +86,7 @@ def test_every_data_module_has_a_stage():
     assert modules == set(DATA_STAGE), f"give each data module a stage in DATA_STAGE: {modules ^ set(DATA_STAGE)}"
 
 
-@pytest.mark.parametrize("module", ["shards", "transforms"])
+@pytest.mark.parametrize("module", ["shards", "arrow", "fmnist", "transforms"])
 def test_bottom_data_modules_import_no_other_data_module(module):
     assert not data_imports(module), f"data/{module}.py imports {sorted(data_imports(module))}"
 

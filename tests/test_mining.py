@@ -251,9 +251,10 @@ def _fake_records(work: Path, n: int, shard_size: int, classes: int, k: int) -> 
         scorer.start(shard)
         for b in range(shard * shard_size, min(n, (shard + 1) * shard_size), 256):
             ids = torch.arange(b, min(n, b + 256, (shard + 1) * shard_size))
-            batch = {"skipped": [], "index": ids}
-            scorer.add(batch, torch.randn(len(ids), classes, generator=g) * 3, None, path_of)
-        score_mod.write_shard(work, scorer.record(path_of))
+            batch = {"skipped": [], "index": ids, "keys": [path_of(i) for i in ids.tolist()],
+                     "phash": ids.unsqueeze(1)}
+            scorer.add(batch, torch.randn(len(ids), classes, generator=g) * 3, None)
+        score_mod.write_shard(work, scorer.record())
 
 
 def test_selection_memory_does_not_grow_with_pool(tmp_path):

@@ -18,6 +18,7 @@ from ..config import DataConfig
 from ..errors import UserError
 from ..utils import atomic_write_text
 from .datasets import EpochItems, ImageDataset
+from .streams import EvalStream, TrainStream, stream_parts
 
 
 def collate(samples: list[dict]) -> dict:
@@ -129,7 +130,11 @@ class EpochLoader:
     the whole dataset.
 
     ``persistent``: keep the worker processes from epoch to epoch (their start-up is paid
-    once; on CUDA by default). ``dataset`` is the one given (indexed by ints)."""
+    once; on CUDA by default). ``dataset`` is the one given (indexed by ints).
+
+    A dataset over WebDataset shards is read as a :class:`~kdistill.data.streams.TrainStream`
+    instead (shards planned per ``(seed, epoch, rank, worker)``, the same steps on every
+    rank); ``len`` is then its planned steps."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int,
                  pin_memory: bool = False, unlabeled_fraction: float | None = None,
@@ -139,6 +144,16 @@ class EpochLoader:
         self.generator = torch.Generator()  # the DataLoader's own draws leave the global RNG alone
         common = dict(num_workers=workers, collate_fn=collate, pin_memory=pin_memory,
                       generator=self.generator, persistent_workers=persistent and workers > 0)
+        parts = stream_parts(dataset)
+        if parts is not None:
+            self.sampler = TrainStream(parts[0], parts[1], batch_size, seed, dist.rank(), dist.world_size(),
+                                       workers, unlabeled_fraction, parts[2])
+            if len(self.sampler) == 0:
+                raise UserError(f"the training shards hold {sum(len(p.split) for p in parts[0])} images, fewer "
+                                f"than one batch of {batch_size} per reader ({dist.world_size()} processes x "
+                                f"{max(workers, 1)} workers); lower --batch-size or --workers")
+            self.loader = DataLoader(self.sampler, batch_size=None, **common)
+            return
         items = EpochItems(dataset, seed)
         if unlabeled_fraction is not None:
             self.sampler: Sampler = MixedBatchSampler(
@@ -169,7 +184,14 @@ class EpochLoader:
 def eval_loader(dataset: ImageDataset, batch_size: int, workers: int,
                 pin_memory: bool = False, persistent: bool = False) -> DataLoader:
     """Each image once over the ranks, in order; ``persistent``: keep the workers between
-    passes (the val pass of every epoch)."""
+    passes (the val pass of every epoch). Shards: an :class:`~kdistill.data.streams.EvalStream`
+    (each sample once over ranks and workers, items keyed by their split index)."""
+    parts = stream_parts(dataset)
+    if parts is not None:
+        stream = EvalStream(parts[0][0].split, parts[1], batch_size, dist.rank(), dist.world_size(),
+                            workers, parts[2])
+        return DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=collate,
+                          pin_memory=pin_memory, persistent_workers=persistent and workers > 0)
     sampler = ShardSampler(len(dataset), dist.rank(), dist.world_size())
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate, pin_memory=pin_memory,

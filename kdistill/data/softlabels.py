@@ -7,6 +7,9 @@ for every training image in order: ``view-v.probs.npy`` (N, k) float16 probabili
 (renormalised over the top k), ``view-v.index.npy`` (N, k) class indices, and
 ``view-v.params.npy`` (N, 8) float32 view parameters (see ``data/views.py``) that replay
 the exact crop, flip and mixup the teacher saw. An unreadable image has index -1 rows.
+
+:class:`TeacherTable` reads the same kind of store for view mode 'fixed': one centre-crop view
+per training image, full logits or the top k, keyed by the sample's index.
 """
 from __future__ import annotations
 
@@ -19,18 +22,26 @@ import torch
 
 from ..errors import UserError
 from ..utils import atomic_write_text
+from .shards import ShardSplit
 from .sources import Source
 
 FORMAT = 1
 FLOOR = 1e-8  # probability given to classes outside the stored top k (as logits: log FLOOR)
 
 
-def fingerprint(source: Source) -> str:
-    """SHA-256 of the split's classes, labels and file names (or decoded pixels)."""
+def fingerprint(source: Source | ShardSplit) -> str:
+    """SHA-256 of the split's classes, labels and file names (or decoded pixels); for shards,
+    of the classes, shard file names and sample counts (samples are keyed by their index,
+    shard offset + position, which those fix)."""
     h = hashlib.sha256()
+    if isinstance(source, ShardSplit):
+        h.update(json.dumps([source.classes, source.fingerprint()]).encode())
+        return h.hexdigest()
     h.update(json.dumps([source.classes, len(source)]).encode())
     h.update(np.asarray(source.labels, dtype=np.int64).tobytes())
-    if source.paths:
+    if source.reader is not None:  # hf:/parquet: rows
+        h.update(source.reader.digest().encode())
+    elif source.paths:
         for p in source.paths:
             h.update(Path(p).name.encode() + b"/" + Path(p).parent.name.encode() + b"\0")
     elif isinstance(source.array, torch.Tensor):
@@ -108,13 +119,9 @@ class SoftLabels:
 
     def extras(self, view: int, index: int) -> dict:
         a = self._open()[view]
-        idx = np.asarray(a["index"][index], dtype=np.int64)
-        probs = torch.zeros(self.num_classes)
-        ok = idx >= 0
-        probs[torch.from_numpy(idx[ok])] = torch.from_numpy(np.asarray(a["probs"][index], np.float32)[ok])
-        # FLOOR for classes outside the top k and for stored fp16 values that underflowed to 0
-        # (log(0) = -inf would make KL NaN)
-        return {"t_logits": probs.clamp_min_(FLOOR).log()}
+        return {"t_logits": topk_log_probs(torch.from_numpy(np.asarray(a["probs"][index], np.float32)),
+                                           torch.from_numpy(np.asarray(a["index"][index], np.int64)),
+                                           self.num_classes)}
 
     def bytes_per_image(self) -> float:
         n = self.manifest["data"]["n"]
@@ -126,3 +133,67 @@ def topk_renormalised(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
     """The ``k`` largest probabilities (renormalised to sum 1, float16) and their classes."""
     p, i = probs.float().topk(min(k, probs.shape[-1]), dim=-1)
     return (p / p.sum(-1, keepdim=True)).half(), i
+
+
+def topk_log_probs(probs: torch.Tensor, index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense float32 log-probabilities (..., C) from stored top-k ``probs`` (..., k) and their
+    classes ``index`` (..., k; -1: none, e.g. an unreadable image). Classes outside the top k,
+    and stored fp16 values that underflowed to 0, get :data:`FLOOR` (log(0) = -inf would make
+    KL NaN); as logits at temperature T they then weigh ``(FLOOR / p)^(1/T)`` against a kept
+    class of probability p (bench/table_topk.py measures what that costs)."""
+    ok = index >= 0
+    dense = torch.zeros(*index.shape[:-1], num_classes)
+    dense.scatter_add_(-1, index.clamp_min(0), torch.where(ok, probs.float(), 0.0))
+    return dense.clamp_min_(FLOOR).log_()
+
+
+TABLE_FORMAT = 1
+
+
+def table_files(root: Path, k: int) -> dict[str, Path]:
+    """The arrays of a fixed-view teacher table: full logits, or top-k probabilities + classes."""
+    names = ("probs", "index") if k else ("logits",)
+    return {name: Path(root) / f"{name}.npy" for name in names}
+
+
+class TeacherTable:
+    """Reader of the view-'fixed' teacher table that ``engine/table.py`` writes.
+
+    ``DIR/manifest.json`` (format, shape, dtype, ``k``, the data's fingerprint, the teacher's
+    identity) beside memory-mapped ``.npy`` arrays with one row per training image, keyed by
+    the sample's ``index``: ``logits.npy`` (N, C) float16 when ``k`` is 0, else ``probs.npy``
+    (N, k) float16 (renormalised over the top k, as the soft-label cache stores them) and
+    ``index.npy`` (N, k) int32 classes (-1 rows: no output, e.g. an unreadable image).
+    ``table[i]`` is the ``t_logits`` of sample ``i``: the logits, or the top-k log-probabilities
+    with :data:`FLOOR` elsewhere (:func:`topk_log_probs`). Only pages that are read come into
+    memory; DataLoader workers map the files themselves."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.manifest = json.loads((self.root / "manifest.json").read_text())
+        self.k, self.n = self.manifest["k"], self.manifest["data"]["n"]
+        self.num_classes = len(self.manifest["data"]["classes"])
+        self._arrays: dict | None = None
+
+    def _open(self) -> dict:
+        if self._arrays is None:
+            self._arrays = {name: np.load(p, mmap_mode="r") for name, p in table_files(self.root, self.k).items()}
+        return self._arrays
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """``t_logits`` of one sample index (C,) or of several (B, C)."""
+        index = int(index) if np.ndim(index) == 0 else np.asarray(index, dtype=np.int64)
+        a = self._open()
+        if not self.k:
+            return torch.from_numpy(np.array(a["logits"][index]))
+        return topk_log_probs(torch.from_numpy(np.asarray(a["probs"][index], np.float32)),
+                              torch.from_numpy(np.asarray(a["index"][index], np.int64)), self.num_classes)
+
+    def bytes_per_image(self) -> float:
+        return sum(p.stat().st_size for p in table_files(self.root, self.k).values()) / max(self.n, 1)

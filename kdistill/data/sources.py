@@ -1,5 +1,7 @@
 """Stage 1 of the data pipeline, which files: ImageFolder trees, PaddleClas list files,
-unlabeled folders, Fashion-MNIST, and the split of a data ROOT each comes from.
+unlabeled folders, Fashion-MNIST, Hugging Face ``datasets`` tables (``hf:DIR``,
+``parquet:GLOB``: rows read from memory-mapped Arrow files by ``arrow``), and the split of a
+data ROOT each comes from.
 
 A source maps an index to ``(uint8 CHW RGB tensor | None, label)``: ``None`` marks an
 unreadable file (:meth:`Source.read` says why), which loaders skip and count instead of
@@ -7,7 +9,7 @@ failing. Items and batches are made above this module (``datasets``, then ``load
 """
 from __future__ import annotations
 
-import gzip
+import dataclasses
 import hashlib
 import os
 import random
@@ -16,23 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import UserError
 from ..images import UnreadableImage, read_image
 from ..utils import first_line
+from .arrow import ArrowReader, is_arrow_spec, open_arrow
+from .arrow import missing_split as arrow_missing_split
+from .arrow import split_spec as arrow_split_spec
+from .fmnist import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_VAL, fashion_mnist_split  # noqa: F401
+from .shards import IMAGE_KEYS, LABEL_KEY
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                         "sneaker", "bag", "ankle-boot"]
-FASHION_MNIST_VAL = 5000  # the last 5,000 official training images form val/
 
 
 @dataclass
 class Source:
-    """Labelled images of one split: file ``paths`` (decoded lazily) or a decoded ``array``."""
+    """Labelled images of one split: file ``paths`` (decoded lazily), a decoded ``array``, or
+    a ``reader`` giving item ``i`` from a memory-mapped table (``hf:``/``parquet:``; its
+    ``describe``/``digest`` stand in for paths, and ``paths`` stays empty)."""
 
     name: str
     classes: list[str]
@@ -41,13 +45,15 @@ class Source:
     array: torch.Tensor | list[torch.Tensor] | None = None  # decoded images (N, C, H, W)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) dropped at load
     origin: str = ""  # where the paths come from, for error messages (a list file and its base)
+    reader: ArrowReader | None = None  # random access by row (picklable: workers map the files)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def in_memory(self) -> bool:
-        return self.array is not None
+        """Nothing to decode into RAM: decoded arrays, or a memory-mapped table read by row."""
+        return self.array is not None or self.reader is not None
 
     def load(self, i: int) -> torch.Tensor | None:
         return self.read(i)[0]
@@ -58,16 +64,20 @@ class Source:
             img = self.array[i]
             return (img.expand(3, -1, -1) if img.shape[0] == 1 else img), ""
         try:
-            return read_image(self.paths[i]), ""
+            return (self.reader.image(i) if self.reader is not None else read_image(self.paths[i])), ""
         except Exception as err:  # noqa: BLE001 - any decode failure means "skip this file"
             return None, unreadable_reason(err)
 
     def describe(self, i: int) -> str:
+        if self.reader is not None and self.array is None:
+            return self.reader.describe(i)
         return self.paths[i] if self.paths else f"{self.name}[{i}]"
 
     def where(self, why: str = "") -> str:
         """The first image's path (and ``why`` it failed) and where paths come from, for an error."""
         first = f"the first is '{os.path.abspath(self.paths[0])}'" if self.paths else f"split '{self.name}'"
+        if self.reader is not None and self.array is None and len(self):
+            first = f"the first is {self.reader.describe(0)}"
         first += f" ({why})" if why else ""
         return f"{first}; {self.origin}" if self.origin else first
 
@@ -78,7 +88,8 @@ class Source:
         elif self.array is not None:
             arr = [self.array[i] for i in indices]
         return Source(self.name, self.classes, [self.labels[i] for i in indices],
-                      [self.paths[i] for i in indices] if self.paths else [], arr, self.bad, self.origin)
+                      [self.paths[i] for i in indices] if self.paths else [], arr, self.bad, self.origin,
+                      self.reader.subset(indices) if self.reader is not None else None)
 
 
 def unreadable_reason(err: BaseException) -> str:
@@ -190,14 +201,34 @@ def read_list(path: Path, name: str, classes: list[str] | None = None,
     return Source(name, classes, labels, paths, origin=origin)
 
 
-def open_split(spec: str, name: str, classes: list[str] | None = None,
-               class_map: str | None = None) -> Source:
+def open_split(spec: str, name: str, classes: list[str] | None = None, class_map: str | None = None,
+               image_key: str | None = None, label_key: str | None = None) -> Source:
+    """A folder of class folders, a list file, or an ``hf:``/``parquet:`` table (its image and
+    label columns ``image_key``/``label_key``, default image/label)."""
+    if is_arrow_spec(spec):
+        return open_table(spec, name, classes, class_map, image_key, label_key)
     p = Path(spec)
     if p.is_dir():
         return scan_folder(p, name, classes)
     if p.is_file():
         return read_list(p, name, classes, class_map)
     raise UserError(f"{name} data '{spec}' does not exist (need a folder of class folders or a list file)")
+
+
+def open_table(spec: str, name: str, classes: list[str] | None = None, class_map: str | None = None,
+               image_key: str | None = None, label_key: str | None = None, labeled: bool = True) -> Source:
+    """A split of a Hugging Face table (see :mod:`kdistill.data.arrow`) as a :class:`Source`."""
+    names = read_class_map(class_map) if class_map and classes is None else None
+    classes, labels, reader = open_arrow(spec, name, classes, names, arrow_key(image_key, "image"),
+                                         arrow_key(label_key, "label"), labeled)
+    return Source(name, classes, labels, reader=reader)
+
+
+def arrow_key(key: str | None, what: str) -> str:
+    """``data.image_key``/``label_key`` for a table: None or WebDataset's member names
+    (``jpg;png``, ``cls``) mean the column ``image``/``label``."""
+    wds = set(IMAGE_KEYS) if what == "image" else {LABEL_KEY}
+    return what if not key or set(key.lower().split(";")) <= wds else key
 
 
 # ------------------------------------------------------------------ unlabeled images
@@ -285,9 +316,14 @@ def read_paths(path: Path) -> PathTable:
     return table
 
 
-def open_unlabeled(spec: str, classes: list[str], name: str = "unlabeled") -> Source:
-    """A folder (searched recursively) or list file of images whose labels are not used:
-    every target is ``UNLABELED``."""
+def open_unlabeled(spec: str, classes: list[str], name: str = "unlabeled", image_key: str | None = None) -> Source:
+    """A folder (searched recursively), list file or ``hf:``/``parquet:`` table of images
+    whose labels are not used: every target is ``UNLABELED``."""
+    if is_arrow_spec(spec):
+        src = open_table(spec, name, list(classes), image_key=image_key, labeled=False)
+        if not len(src):
+            raise UserError(f"{name} images '{spec}' hold no rows")
+        return dataclasses.replace(src, labels=[UNLABELED] * len(src))
     p = Path(spec)
     if p.is_dir():
         paths = list(scan_images(p))
@@ -303,45 +339,11 @@ def open_unlabeled(spec: str, classes: list[str], name: str = "unlabeled") -> So
 # ------------------------------------------------------------------ Fashion-MNIST
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as fh:
-        data = fh.read()
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def _fashion_mnist_arrays() -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    d = FASHION_MNIST_DIR
-    files = {s: (d / f"{p}-images-idx3-ubyte.gz", d / f"{p}-labels-idx1-ubyte.gz")
-             for s, p in (("train", "train"), ("test", "t10k"))}
-    if all(f.is_file() for pair in files.values() for f in pair):
-        return {s: (_read_idx(i), _read_idx(lbl)) for s, (i, lbl) in files.items()}
-    from torchvision.datasets import FashionMNIST
-
-    cache = Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
-    try:
-        out = {}
-        for split, train in (("train", True), ("test", False)):
-            ds = FashionMNIST(str(cache / "fashion-mnist"), train=train, download=True)
-            out[split] = (ds.data.numpy(), ds.targets.numpy())
-        return out
-    except Exception as err:  # noqa: BLE001
-        raise UserError("Fashion-MNIST not found under /usr/share/datasets/fashion-mnist and the "
-                        f"download failed ({err}); run `apt-get install dataset-fashion-mnist`")
-
-
 def fashion_mnist(split: str) -> Source:
     """train = first 55,000 official training images, val = last 5,000, test = official test."""
-    arrays = _fashion_mnist_arrays()
-    images, labels = arrays["test" if split == "test" else "train"]
-    if split == "train":
-        images, labels = images[:-FASHION_MNIST_VAL], labels[:-FASHION_MNIST_VAL]
-    elif split == "val":
-        images, labels = images[-FASHION_MNIST_VAL:], labels[-FASHION_MNIST_VAL:]
+    images, labels = fashion_mnist_split(split)
     arr = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28)
-    return Source(f"fashion-mnist/{split}", list(FASHION_MNIST_CLASSES),
-                  labels.astype(np.int64).tolist(), array=arr)
+    return Source(f"fashion-mnist/{split}", list(FASHION_MNIST_CLASSES), labels.tolist(), array=arr)
 
 
 # ------------------------------------------------------------------ a split of a data ROOT
@@ -351,6 +353,8 @@ def split_candidates(root: str, split: str) -> list[Path]:
     """The paths :func:`split_spec` tries for ``split``: ``ROOT/<split>``, ``<split>_list.txt``,
     ``<split>.txt`` in a folder ROOT; a list-file ROOT itself for 'train', else its sibling
     with 'train' in the name replaced by the split (none when the name has no 'train')."""
+    if is_arrow_spec(root):
+        return []
     p = Path(root)
     if p.is_dir():
         return [p / split, p / f"{split}_list.txt", p / f"{split}.txt"]
@@ -366,11 +370,15 @@ def split_spec(root: str, split: str, explicit: str | None = None) -> str | None
     """Where ``split`` lives: ``explicit``, else the first :func:`split_candidates` that exists."""
     if explicit:
         return explicit
+    if is_arrow_spec(root):
+        return arrow_split_spec(root, split)
     return next((str(c) for c in split_candidates(root, split) if c.exists()), None)
 
 
 def missing_split(root: str, split: str) -> UserError:
     """The error for a ROOT without ``split``, naming what was looked for."""
+    if is_arrow_spec(root):
+        return arrow_missing_split(root, split)
     looked = split_candidates(root, split)
     if Path(root).is_dir():
         return UserError(f"data root '{root}' has no '{split}' split (expected {looked[0]}/<class>/<image>, "
@@ -383,21 +391,21 @@ def missing_split(root: str, split: str) -> UserError:
 
 def open_source(root: str, split: str, explicit: str | None = None,
                 classes: list[str] | None = None, class_map: str | None = None,
-                required: bool = True) -> Source | None:
-    """Open one split of ROOT (folder, list file or 'fashion-mnist')."""
+                required: bool = True, image_key: str | None = None,
+                label_key: str | None = None) -> Source | None:
+    """Open one split of ROOT (folder, list file, ``hf:DIR``, ``parquet:GLOB`` or
+    'fashion-mnist'); ``image_key``/``label_key``: a table's columns (``data.image_key``...)."""
     if root == "fashion-mnist" and not explicit:
-        if split not in ("train", "val", "test"):
-            raise UserError(f"fashion-mnist has no '{split}' split (train, val, test)")
         return fashion_mnist(split)
-    if not explicit and not Path(root).exists():
+    if not explicit and not is_arrow_spec(root) and not Path(root).exists():
         raise UserError(f"data root '{root}' does not exist (give a folder with train/ and val/, "
-                        "a list file, or 'fashion-mnist')")
+                        "a list file, hf:DIR, parquet:GLOB or 'fashion-mnist')")
     spec = split_spec(root, split, explicit)
     if spec is None:
         if required:
             raise missing_split(root, split)
         return None
-    return open_split(spec, split, classes, class_map)
+    return open_split(spec, split, classes, class_map, image_key, label_key)
 
 
 def stratified_subset(source: Source, n: int, seed: int = 0) -> Source:

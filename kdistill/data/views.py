@@ -24,6 +24,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 
+from ..errors import UserError
+from .shards import ShardSplit
 from .sources import UNLABELED, Source
 from .transforms import SMALL_IMAGE, to_unit
 
@@ -134,6 +136,10 @@ class ViewDataset(Dataset):
 
     def __init__(self, source: Source, spec: ViewSpec, seed: int = 0, independent: bool = False,
                  params=None, extras=None, views: int | None = None, with_params: bool = False) -> None:
+        if isinstance(source, ShardSplit):
+            raise UserError("replayable views (distill.view consistent with a soft-label cache, independent, "
+                            "funmatch) read images by index, which streamed wds shards cannot; use "
+                            "distill.view=consistent or fixed, or train from a folder")
         self.source, self.spec, self.seed = source, spec, seed
         self.with_params = with_params
         self.independent = independent

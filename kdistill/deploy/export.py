@@ -112,6 +112,8 @@ def parity_inputs(pp: Preprocessing, classes: list[str], checkpoint: Path, data:
                   n: int) -> tuple[np.ndarray, str]:
     """Up to ``n`` val images (float32 [0, 1], cropped as in evaluation) and where they came
     from; random inputs when the run records no readable data and ``data`` is not given."""
+    from ..data.datasets import open_eval_split, shard_images
+    from ..data.shards import ShardSplit, is_wds
     from ..data.sources import open_source, stratified_subset
 
     root, val = data, None
@@ -129,12 +131,18 @@ def parity_inputs(pp: Preprocessing, classes: list[str], checkpoint: Path, data:
     source = None
     if root or val:
         try:
-            source = open_source(root or "", "val", explicit=val, classes=list(classes))
+            if is_wds(val or root):  # shards: the first n readable val samples in shard order
+                source = open_eval_split(val or root, "val", list(classes))
+            else:
+                source = open_source(root or "", "val", explicit=val, classes=list(classes))
         except UserError as err:
             if data is not None:  # the user named this data: tell them, do not guess
                 raise UserError(f"--data {data}: {err}") from None
             print(f"note: the run's data ({err}) is unavailable; parity uses random inputs")
-    if source is not None and n > 0:
+    if isinstance(source, ShardSplit) and n > 0:
+        prep = Preparer(pp)
+        images = [prep(img) for _, img in shard_images(source, n)]
+    elif source is not None and n > 0:
         prep = Preparer(pp)
         subset = stratified_subset(source, n, seed=0)
         for i in range(len(subset)):

@@ -15,6 +15,7 @@ from ..console import log
 from ..errors import UserError
 from ..losses import LOSSES, Shapes, build_loss
 from ..data.datasets import eval_dataset, first_images
+from ..data.softlabels import TeacherTable
 from ..methods.compiled import compile_teachers
 from ..methods.distill import Distill, LossBank, TermSpec
 from ..methods.teachers import EmaTeacher, FrozenTeachers, StoredOutputs, TeacherSource, load_teachers
@@ -46,11 +47,16 @@ class DistillSection:
     view: Literal["consistent", "fixed", "independent", "funmatch"] = "consistent"  # see data/views.py
     soft_labels: str | None = None  # a kdistill cache folder: replay its views, load no teacher
     teacher_runtime: TeacherRuntime = "auto"  # auto | eager | onnx | compile (methods/compiled.py)
+    # view fixed: keep each image's top-k teacher probabilities on disk (0: all logits; engine/table.py)
+    table_top_k: int = 0
 
     def __post_init__(self) -> None:
         _check(self.generations >= 1, "distill.generations", "must be >= 1")
         _check(0 <= self.self_start < 1, "distill.self_start", "must be in [0, 1)")
         _check(0 < self.self_decay < 1, "distill.self_decay", "must be in (0, 1)")
+        _check(self.table_top_k >= 0, "distill.table_top_k", "must be >= 0 (0 keeps all logits)")
+        _check(not self.table_top_k or self.view == "fixed", "distill.table_top_k",
+               "applies to view fixed only (the table of teacher outputs); add --view fixed or drop it")
         if self.losses is None:
             self.losses = ["kd:1.0"] if self.view == "funmatch" else ["kd:0.9", "ce:0.1"]
         _check(bool(self.losses), "distill.losses", "needs at least one loss (e.g. kd)")
@@ -236,24 +242,23 @@ def train_views(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | No
     return ViewDataset(ctx.splits.train, spec, seed, independent=sd.view == "independent")
 
 
-@torch.no_grad()
 def teacher_table(ctx: RunContext, teacher: TeacherSource,
-                  chunk_bytes: int = dist.REDUCE_CHUNK_BYTES) -> torch.Tensor:
-    """View 'fixed': the teacher's logits on every training image's centre crop, once (fp16,
-    on the host). Under torchrun each rank scores a shard; the shards are summed over ranks
-    ``chunk_bytes`` of fp32 at a time on the device."""
+                  chunk_bytes: int = dist.REDUCE_CHUNK_BYTES) -> TeacherTable:
+    """View 'fixed': the teacher's logits (or top ``distill.table_top_k`` probabilities) on every
+    training image's centre crop, once, memory-mapped in ``<out>/teacher-table/`` and reused
+    while the data and teacher match (engine/table.py). Under torchrun each rank scores a
+    shard and rank 0 writes the table, summing ``chunk_bytes`` of fp32 rows at a time."""
     from ..data.datasets import eval_dataset
     from ..data.loader import eval_loader
+    from .table import TABLE_DIR, ensure_table, table_identity
 
+    k = ctx.cfg.distill.table_top_k
+    k = min(k, len(ctx.classes)) if k else 0
     cuda = ctx.device.type == "cuda"
     loader = eval_loader(eval_dataset(ctx.splits.train, teacher.preprocessing), ctx.cfg.eval.batch_size,
                          ctx.cfg.data.num_workers(cuda), pin_memory=cuda)
-    table = torch.zeros(len(ctx.splits.train), len(ctx.classes), dtype=torch.float16)
-    log(f"view fixed: teacher outputs on {len(table)} centre-cropped training images")
-    for batch in loader:
-        if "image" in batch:
-            table[batch["index"]] = teacher.logits(batch["image"].to(ctx.device)).half().cpu()
-    return dist.all_reduce_sum_chunked(table, ctx.device, chunk_bytes)  # rows of other ranks are 0
+    return ensure_table(ctx.out / TABLE_DIR, table_identity(teacher, ctx.splits.train, k), loader,
+                        lambda x: teacher.logits(x.to(ctx.device)), ctx.device, chunk_bytes)
 
 
 def narrow(cfg: Config, cls: type[Config]) -> Config:

@@ -48,16 +48,27 @@ def _plain(cfg: Config) -> dict:
 
 
 def data_record(cfg: Config) -> dict:
-    """Classes and fingerprints of the splits ``cfg.data`` opens (without decoding them)."""
+    """Classes and fingerprints of the splits ``cfg.data`` opens (without decoding them).
+    Shards are fingerprinted by file names and sample counts; with training shards the
+    worker count is recorded too, since it decides which shards share a reader
+    (``data.streams``)."""
+    import torch
+
     from ..data.datasets import open_splits
+    from ..data.shards import ShardSplit
     from ..data.softlabels import fingerprint
 
+    def fp(source):
+        return source.fingerprint() if isinstance(source, ShardSplit) else fingerprint(source)
+
     splits = open_splits(dataclasses.replace(cfg.data, in_memory="no"), need_val=False)
-    rec = {"classes": list(splits.classes), "train": fingerprint(splits.train)}
+    rec = {"classes": list(splits.classes), "train": fp(splits.train)}
     for name in ("val", "unlabeled"):
         source = getattr(splits, name)
         if source is not None:
-            rec[name] = fingerprint(source)
+            rec[name] = fp(source)
+    if isinstance(splits.train, ShardSplit):
+        rec["stream_workers"] = max(cfg.data.num_workers(torch.cuda.is_available()), 1)
     return rec
 
 
@@ -108,6 +119,9 @@ def differences(out: Path, cfg: Config, record: dict) -> list[str]:
                          f"{_show(od.get('classes'))} -> {_show(nd['classes'])})")
         else:
             diffs += [f"the {s} images" for s in ("train", "val", "unlabeled") if od.get(s) != nd.get(s)]
+            if od.get("stream_workers") != nd.get("stream_workers"):
+                diffs.append(f"data.workers ({od.get('stream_workers')} -> {nd.get('stream_workers')}: with wds "
+                             "shards the workers decide which shards share a reader)")
     return diffs
 
 

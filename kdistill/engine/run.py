@@ -256,7 +256,7 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
     """``kdistill eval``: metrics of a checkpoint on one split, with a report folder (``out``,
     else :func:`eval_dir`: keyed by the data when it is not the run's own); with
     ``teachers``, also student-teacher agreement and mean KL to the (ensemble) teacher."""
-    from ..data.sources import open_source
+    from ..data.datasets import open_eval_split
     from ..models.checkpoint import load_model
     from .evaluate import write_report
 
@@ -272,7 +272,7 @@ def evaluate_run(run_or_ckpt: str, root: str, split: str = EvalConfig.split,
     else:
         ensure_writable_dir(report_dir, "the report folder", "pass --report DIR, a folder you can write to")
     model, meta = load_model(str(path), dev)
-    source = open_source(root, split, classes=meta["classes"])
+    source = open_eval_split(root, split, meta["classes"])
     hook = None
     if teachers:
         from ..data.datasets import first_images

@@ -1,7 +1,9 @@
 """``kdistill ssld``: PaddleClas's SSLD recipe in one command, stage by stage.
 
 1. ``mine``: the teacher scores the unlabeled pool, near-copies of the evaluation images are
-   removed, the top-k images per class are kept (``<out>/mine/mined.txt``).
+   removed, the top-k images per class are kept (``<out>/mine/mined.txt``; for a sharded
+   pool, ``wds:DIR``, new shards in ``<out>/mine/shards``, which the next stage streams as
+   ``data.unlabeled=wds:<out>/mine/shards``).
 2. ``distill``: the student learns from labeled + mined images with label-free terms
    (``<out>/distill``); by default KL at T = 4, not SSLD's JS divergence at T = 1, which lost
    11 points to it at an equal budget in ``bench/ssld.py`` (``--loss js`` runs the paper's).
@@ -40,7 +42,7 @@ class SSLDSection(MineConfig):
 
     batch_size: int | None = None  # mining batch; None: eval.batch_size
     workers: int | None = None  # mining DataLoader workers; None: data.workers
-    pool: str = ""  # folder (recursive) or list file of unlabeled images
+    pool: str = ""  # folder (recursive), list file or wds:DIR / wds:PATTERN shards of unlabeled images
     dedup_against: list[str] = field(default_factory=list)  # default: the data's val (and test)
     unlabeled_fraction: float | None = None  # share of mined images per batch (None: by counts)
     # distill stage: KL at T = 4 (Hinton's KD, no labels), not the paper's JS at T = 1, which
@@ -87,24 +89,41 @@ def _stage(cfg: DistillConfig, out: Path, name: str) -> dict:
 
 
 def default_dedup(root: str) -> list[str]:
+    from ..data.shards import is_wds
     from ..data.sources import split_spec
 
+    if is_wds(root):
+        return [root]  # mining's reference opener reads a shard folder's val and test splits
     return [s for s in (split_spec(root, "val"), split_spec(root, "test")) if s]
 
 
 def _check_teacher_classes(cfg: SSLDConfig, teacher: str) -> None:
     """Mined rows carry the teacher's class indices: its classes must be the data's."""
-    from ..data.sources import open_source
+    from ..data.datasets import open_split
     from ..models.checkpoint import read_meta, resolve_checkpoint
 
     if not Path(teacher).exists():
         raise UserError(f"teacher '{teacher}' does not exist (ssld needs a kdistill run folder or checkpoint)")
     t_classes = list(read_meta(resolve_checkpoint(teacher))["classes"])
-    classes = open_source(cfg.data.root, "train", cfg.data.train, class_map=cfg.data.class_map).classes
+    classes = open_split(cfg.data, "train").classes
     if t_classes != classes:
         raise UserError(f"teacher '{teacher}' predicts {len(t_classes)} classes ({', '.join(t_classes[:3])}, ...) "
                         f"but the labeled data has {len(classes)} ({', '.join(classes[:3])}, ...); "
                         "SSLD needs a teacher trained on the same classes in the same order")
+
+
+def mine_output(out: Path, pool: str) -> tuple[Path, str, Path]:
+    """Where the mine stage writes: (its reports' base path, the ``--out`` it is given, the
+    file that exists once it is done). A sharded pool is mined to shards (a list file cannot
+    point into tars), which the distill stage reads as ``data.unlabeled=wds:DIR``."""
+    from ..data.shards import INFO_FILE, PREFIX, is_wds
+    from ..mining.output import REPORT_STEM
+
+    if is_wds(pool):
+        folder = out / "mine" / "shards"
+        return folder / REPORT_STEM, f"{PREFIX}{folder}", folder / INFO_FILE
+    mined = out / "mine" / "mined.txt"
+    return mined, str(mined), mined
 
 
 def stage_loss_params(recipe: dict, user: dict) -> dict:
@@ -126,6 +145,12 @@ def _ssld(cfg: SSLDConfig) -> dict:
         raise UserError("ssld needs --pool DIR_OR_LIST (the unlabeled images to mine)")
     if len(cfg.distill.teachers) != 1:
         raise UserError("ssld mines with exactly one --teacher")
+    from ..data.shards import is_wds
+
+    if is_wds(sc.pool) and not is_wds(cfg.data.train or cfg.data.root):
+        # the mined images are shards, streamed beside the labeled ones: both must stream
+        raise UserError(f"a sharded pool ('{sc.pool}') needs sharded labeled data too: "
+                        f"kdistill pack {cfg.data.root} --out DIR, then --data wds:DIR")
     for losses in (sc.losses, sc.finetune_losses):  # a mistyped term stops the run before mining
         parse_terms(DistillSection(losses=list(losses)))
     out = run_folder(cfg)
@@ -134,19 +159,19 @@ def _ssld(cfg: SSLDConfig) -> dict:
     record.write(out, cfg, record.check(out, cfg, "ssld run", compare=record.has_work(out)))
     teacher = cfg.distill.teachers[0]
     _check_teacher_classes(cfg, teacher)
-    mined = out / "mine" / "mined.txt"
+    mined, mined_spec, done_marker = mine_output(out, sc.pool)
     summary_path = Path(str(mined) + ".summary.json")
     mine_summary = None
-    if summary_path.is_file() and mined.is_file() and dist.is_main():
+    if summary_path.is_file() and done_marker.is_file() and dist.is_main():
         mine_summary = json.loads(summary_path.read_text())
     mine_summary = dist.broadcast_object(mine_summary)
     if mine_summary is not None:
-        log(f"[mine] reusing {mined}")
+        log(f"[mine] reusing {mined_spec}")
     else:
-        mined.parent.mkdir(parents=True, exist_ok=True)
+        (out / "mine").mkdir(parents=True, exist_ok=True)
         dedup = sc.dedup_against or default_dedup(cfg.data.root)
         log(f"[mine] top-{sc.top_k} per class from {sc.pool} (dedup against {', '.join(dedup) or 'nothing'})")
-        mine_summary = mine(teacher, sc.pool, str(mined), sc.mine_config(cfg), dedup_against=dedup,
+        mine_summary = mine(teacher, sc.pool, mined_spec, sc.mine_config(cfg), dedup_against=dedup,
                             device=cfg.train.device, progress=cfg.train.progress)
     if mine_summary["selected"] == 0:
         raise UserError(f"mining kept no image of the {mine_summary['pool_size']} in '{sc.pool}' "
@@ -155,7 +180,7 @@ def _ssld(cfg: SSLDConfig) -> dict:
 
     # stages are distill runs: their config.yaml drops the ssld section (`kdistill distill -c`)
     dcfg = narrow(copy.deepcopy(cfg), DistillConfig)
-    dcfg.data.unlabeled, dcfg.data.unlabeled_fraction = str(mined), sc.unlabeled_fraction
+    dcfg.data.unlabeled, dcfg.data.unlabeled_fraction = mined_spec, sc.unlabeled_fraction
     dcfg.distill.losses = list(sc.losses)
     dcfg.distill.loss_params = stage_loss_params(sc.loss_params, cfg.distill.loss_params)
     distilled = _stage(dcfg, out / "distill", "distill")

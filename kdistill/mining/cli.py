@@ -1,6 +1,9 @@
 """``kdistill mine``: the SSLD mining run (:func:`mine`) and its command-line front end.
 
-Files written next to ``--out LIST``:
+The pool (a folder, a list file or ``wds:DIR`` shards) is scored shard by shard in bounded
+memory (:mod:`.score`); the selection goes to a list file or to new shards (:mod:`.output`).
+Files written next to ``--out LIST`` (for ``--out wds:DIR``: the shards, then ``DIR/mined.*``
+in place of ``LIST.*``):
 
 * ``LIST``: PaddleClas list ``path label  # p=0.9876``, label = class index in the teacher's
   class order, paths relative to LIST's folder (portable with it), sorted by class then
@@ -16,8 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +30,12 @@ from .. import distributed as dist
 from ..config import TEACHER_RUNTIME_HELP, TeacherRuntime, add_flags, arg, from_args
 from ..console import log
 from ..errors import UserError
-from ..utils import (atomic_path, atomic_write, atomic_write_text, ensure_writable_file_parent,
-                     resolve_device, write_json)
+from ..utils import atomic_path, atomic_write, resolve_device, write_json
 from .dedup import EMBED_THRESHOLD, PHASH_THRESHOLD, DedupIndex
-from .pool import Pool, PoolImages, open_pool
-from .score import Merged, ShardScorer, assign, build_index, merge_shards, score_shards, shard_path
+from .output import ListTarget, ShardTarget, open_target
+from .pool import Pool, first_images, open_pool, open_reference
+from .score import (Merged, ShardScorer, TopK, assign, build_index, fold, merge_shards, read_shard,
+                    score_shards, shard_path)
 
 if TYPE_CHECKING:
     from ..methods.teachers import TeacherSource
@@ -82,32 +84,31 @@ class MineConfig:
 def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: Sequence[str] = (),
          device: str = "auto", progress: bool = True) -> dict:
     """Let ``teacher`` pick the top-``cfg.top_k`` images per class of ``pool`` after removing
-    near-duplicates of the ``dedup_against`` images; writes ``out`` and returns the summary.
-    Under torchrun each rank scores every world_size-th pending shard; rank 0 merges."""
-    from ..data.datasets import first_images
+    near-duplicates of the ``dedup_against`` images; writes ``out`` (a list file, or shards
+    for ``wds:DIR``) and returns the summary. Under torchrun each rank scores every
+    world_size-th pending shard; rank 0 merges and writes."""
     from ..data.transforms import eval_transform
     from ..methods.compiled import compile_teachers
     from ..methods.teachers import load_teachers
     from ..models.checkpoint import read_meta, resolve_checkpoint
     from ..models.hooks import FeatureCapture
 
-    if Path(out).is_dir():
-        raise UserError(f"--out '{out}' is a folder; give the path of the list file to write")
-    ensure_writable_file_parent(out, "--out")  # LIST and LIST.work/ go there
+    target = open_target(out, cfg.shard_size)
     if not Path(teacher).exists():
         raise UserError(f"teacher '{teacher}' does not exist (mine needs a kdistill run folder or checkpoint)")
     ckpt = resolve_checkpoint(teacher)
     classes = list(read_meta(ckpt)["classes"])
-    the_pool = open_pool(pool)
-    eval_sets = [open_pool(d, "--dedup-against") for d in dedup_against]
+    the_pool = open_pool(pool, chunk=cfg.shard_size)
+    target.check_pool(the_pool)
+    eval_sets = [p for d in dedup_against for p in open_reference(d, cfg.shard_size)]
     if not eval_sets:
         log("mine: no --dedup-against given; evaluation images in the pool would not be removed")
-    work = Path(f"{out}.work")
+    work = target.work
     settings = {"teacher": str(ckpt.resolve()), "teacher_bytes": ckpt.stat().st_size,
-                "classes": len(classes), "pool": the_pool.paths.digest(), "pool_size": len(the_pool),
+                "classes": len(classes), "pool": the_pool.fingerprint(), "pool_size": len(the_pool),
                 "shard_size": cfg.shard_size, "top_k": cfg.top_k, "min_prob": cfg.min_prob,
                 "phash_threshold": cfg.phash_threshold, "embed_threshold": cfg.embed_threshold,
-                "dedup_against": [s.paths.digest() for s in eval_sets]}
+                "dedup_against": [p.fingerprint() for p in eval_sets], "out": target.out}
     own_group = not dist.is_distributed()
     dev = dist.init(resolve_device(device))
     t = None
@@ -117,25 +118,28 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
             t.capture = FeatureCapture(t.single.model, [], embed=True, role="teacher")
         pp = t.preprocessing
         compile_teachers(t, cfg.teacher_runtime, dev, lambda: first_images(
-            PoolImages(the_pool.paths, eval_transform(pp.image_size, pp.crop_pct))), batch_size=cfg.batch_size)
+            the_pool, eval_transform(pp.image_size, pp.crop_pct)), batch_size=cfg.batch_size)
         if dist.is_main():
             _open_work(work, settings)
         dist.barrier()
         index = _dedup_index(work, eval_sets, t, cfg, dev, progress) if eval_sets else None
-        n_shards = math.ceil(len(the_pool) / cfg.shard_size)
+        n_shards = the_pool.num_shards
         pending = None
         if dist.is_main():
             pending = [s for s in range(n_shards) if not shard_path(work, s).is_file()]
             if len(pending) < n_shards:
                 log(f"resuming: {n_shards - len(pending)} of {n_shards} shards done")
         pending = dist.broadcast_object(pending)
+        running = TopK(len(classes), cfg.top_k)  # of the finished shards: prunes the new ones
+        for s in sorted(set(range(n_shards)) - set(pending)):
+            fold(running, read_shard(shard_path(work, s)))
         scorer = ShardScorer(len(classes), cfg.top_k, cfg.min_prob, index)
-        score_shards(the_pool.paths, pending[dist.rank()::dist.world_size()], cfg.shard_size, work, t,
-                     scorer, cfg.batch_size, cfg.workers, dev, progress)
+        score_shards(the_pool, pending[dist.rank()::dist.world_size()], work, t, scorer, cfg.batch_size,
+                     cfg.workers, dev, progress, running)
         dist.barrier()
         summary: dict = {}
         if dist.is_main():
-            summary = _finish(out, work, n_shards, classes, cfg.top_k, the_pool, index, {
+            summary = _finish(target, work, n_shards, classes, cfg.top_k, the_pool, index, {
                 "teacher": teacher, "checkpoint": str(ckpt), "pool": pool,
                 "dedup_against": list(dedup_against),
                 "thresholds": {"phash": cfg.phash_threshold, "embedding": cfg.embed_threshold,
@@ -143,7 +147,7 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
             if not cfg.keep_work:
                 shutil.rmtree(work, ignore_errors=True)
         dist.barrier()
-        return summary if dist.is_main() else json.loads(Path(f"{out}.summary.json").read_text())
+        return summary if dist.is_main() else json.loads(Path(f"{target.base}.summary.json").read_text())
     finally:
         if t is not None and t.capture is not None:
             t.capture.remove()
@@ -154,6 +158,7 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
 def _open_work(work: Path, settings: dict) -> None:
     """Create the work folder, or check that an existing one belongs to the same run."""
     manifest = work / "manifest.json"
+    settings = json.loads(json.dumps(settings))  # as read back (tuples -> lists)
     if manifest.is_file():
         old = json.loads(manifest.read_text())
         diff = [k for k in settings if old.get(k) != settings[k]]
@@ -171,11 +176,10 @@ def _dedup_index(work: Path, eval_sets: list[Pool], teacher: TeacherSource, cfg:
     """The evaluation fingerprints, computed once by rank 0 and cached in the work folder."""
     cache = work / "eval.pt"
     if dist.is_main() and not cache.is_file():
-        paths = [p for s in eval_sets for p in s.paths]
-        index = build_index(paths, teacher, cfg.batch_size, cfg.workers, dev,
+        index = build_index(eval_sets, teacher, cfg.batch_size, cfg.workers, dev,
                             cfg.phash_threshold, cfg.embed_threshold, progress)
         if not index.paths:
-            raise UserError(f"none of the {len(paths)} --dedup-against images could be read")
+            raise UserError(f"none of the {sum(len(s) for s in eval_sets)} --dedup-against images could be read")
         atomic_write(cache, lambda tmp: torch.save(index.state(), tmp))
         log(f"dedup index: {len(index.paths)} evaluation images"
             + (f" ({len(index.skipped)} unreadable, skipped)" if index.skipped else ""))
@@ -184,41 +188,43 @@ def _dedup_index(work: Path, eval_sets: list[Pool], teacher: TeacherSource, cfg:
     return DedupIndex.from_state(state, cfg.phash_threshold, cfg.embed_threshold)
 
 
-def _finish(out: str, work: Path, n_shards: int, classes: list[str], top_k: int, pool: Pool,
-            index: DedupIndex | None, extra: dict) -> dict:
-    """Merge the shard files; write the list, dedup report, histogram and summary."""
+def _finish(target: ListTarget | ShardTarget, work: Path, n_shards: int, classes: list[str], top_k: int,
+            pool: Pool, index: DedupIndex | None, extra: dict) -> dict:
+    """Merge the shard files; write the selection, dedup report, histogram and summary."""
     files = [shard_path(work, s) for s in range(n_shards)]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise UserError(f"mining shard {missing[0]} is missing (a rank failed?); rerun to resume")
-    report = Path(f"{out}.dedup.csv")
+    base = target.base
+    report = Path(f"{base}.dedup.csv")
     with atomic_path(report) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(DEDUP_COLUMNS)
-        merged = merge_shards(files, len(classes), top_k, on_dups=writer.writerows)
+        merged = merge_shards(files, len(classes), top_k, on_dups=writer.writerows, describe=pool.describe)
     rows = assign(merged.top)
-    out_dir = Path(out).resolve().parent
-    lines = [f"{os.path.relpath(os.path.abspath(merged.info[i][0]), out_dir)} {c}  # p={p:.4f}\n"
-             for i, c, p in rows]
-    atomic_write_text(out, "".join(lines))
+    written = target.write(rows, merged.info, pool, classes)
     counts = [0] * len(classes)
     for _, c, _ in rows:
         counts[c] += 1
-    hist = Path(f"{out}.hist.png")
+    hist = Path(f"{base}.hist.png")
     _histogram(hist, [p for _, _, p in rows], top_k)
+    if merged.broken:
+        log(f"mine: {len(merged.broken)} pool shards broke off early; {merged.missing} samples in them were "
+            f"not read (first: shard {merged.broken[0][0]}: {merged.broken[0][1]})")
     summary = {
-        "out": str(out), **extra, "top_k": top_k, "pool_size": len(pool), "scored": merged.scored,
-        "skipped": merged.skipped, "skipped_paths": merged.skipped_paths,
-        "duplicates_removed": merged.duplicates,
+        "out": str(target.out), **extra, "top_k": top_k, "pool_size": len(pool), "scored": merged.scored,
+        "skipped": merged.skipped + merged.missing, "skipped_paths": merged.skipped_paths,
+        "broken_shards": [[pool.shard_name(s), why, n] for s, why, n in merged.broken],
+        "unread_samples": merged.missing, "duplicates_removed": merged.duplicates,
         "eval_images": len(index.paths) if index else 0,
         "eval_skipped": index.skipped[:100] if index else [],
         "selected": len(rows), "per_class": dict(zip(classes, counts)),
         "mean_prob": round(sum(p for _, _, p in rows) / len(rows), 6) if rows else None,
         "selection_precision": _precision(rows, merged, pool, classes), "shards": n_shards,
-        "files": {"list": str(out), "dedup_report": str(report), "histogram": str(hist),
-                  "summary": f"{out}.summary.json"},
+        "files": {**written, "dedup_report": str(report), "histogram": str(hist),
+                  "summary": f"{base}.summary.json"},
     }
-    write_json(f"{out}.summary.json", summary)
+    write_json(f"{base}.summary.json", summary)
     return summary
 
 
@@ -226,7 +232,7 @@ def _precision(rows: list[tuple[int, int, float]], merged: Merged, pool: Pool,
                classes: list[str]) -> dict | None:
     """For an ImageFolder pool: the fraction of selected images whose folder is their
     assigned class (the labels are never used for mining, only for this report)."""
-    labels = [pool.folder_label(merged.info[i][0]) for i, _, _ in rows]
+    labels = [pool.folder_label(merged.info[i][1]) for i, _, _ in rows]
     if not any(lbl in classes for lbl in labels):
         return None
     hits, totals = [0] * len(classes), [0] * len(classes)
@@ -263,10 +269,14 @@ def add_mine_parser(subparsers) -> argparse.ArgumentParser:
                     "Rerun the same command to resume an interrupted run.")
     p.add_argument("--teacher", required=True, metavar="RUN_OR_CKPT", help="kdistill run folder or checkpoint")
     p.add_argument("--pool", required=True, metavar="DIR_OR_LIST",
-                   help="folder of images (searched recursively) or list file")
-    p.add_argument("--dedup-against", action="append", default=[], metavar="DIR_OR_LIST",
-                   help="evaluation images to keep out of the list (repeatable), e.g. ROOT/val")
-    p.add_argument("--out", required=True, metavar="LIST", help="list file to write")
+                   help="folder of images (searched recursively), list file, or wds:DIR / wds:PATTERN "
+                        "shards (split unlabeled, else train)")
+    p.add_argument("--dedup-against", action="append", default=[], metavar="SOURCE",
+                   help="evaluation images to keep out of the selection (repeatable), e.g. ROOT/val, "
+                        "a list file, wds:DIR (its val and test shards)")
+    p.add_argument("--out", required=True, metavar="LIST",
+                   help="list file to write, or wds:DIR to write the selected images as shards "
+                        "(the only output for a sharded pool)")
     add_flags(p, MineConfig, required=["top_k"])  # --top-k, --min-prob, ... --keep-work
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,10 +1,18 @@
 """Streaming teacher scoring of the pool and top-k per class selection (SSLD).
 
-The pool is scored in shards of ``shard_size`` images. Each shard keeps only its per-class
-top-k candidates (:class:`TopK`) and is written atomically to ``<work>/shard-NNNNN.pt``;
-finished shards are never rescored, so a killed run resumes where it stopped. Rank 0 then
-merges the shard files one at a time into one running :class:`TopK`, so memory is
-``O(classes x k)`` plus one shard, never O(pool).
+The pool is scored shard by shard (a tar, or a chunk of paths: :mod:`.pool`). Each shard
+keeps only its per-class top-k candidates (:class:`TopK`) with what the output needs of
+them (pool index, key, pHash) and is written atomically to ``<work>/shard-NNNNN.pt``;
+finished shards are never rescored, so a killed run resumes where it stopped. Memory is
+``O(classes x k)`` plus the shards in flight (one per DataLoader worker), never O(pool):
+the main process keeps one running :class:`TopK` of the finished shards, and rank 0 merges
+the shard files one at a time into another.
+
+That running top-k also prunes: an entry below the current k-th best probability of its
+class can never be selected (the k entries above it are already in shard files), so a
+shard file holds only entries that may still matter and the work folder stops growing
+with the pool once the per-class top-k has filled. The selection is the same whatever the
+order shards finish in, or whether a run was resumed.
 
 Selection (SSLD, Wei et al. 2020, "Circumventing Outliers of AutoAugment with Knowledge
 Distillation"; PaddleClas SSLD): for every class c, the ``k`` non-duplicate images with the
@@ -23,15 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..console import progress
+from ..console import log, progress
 from ..data.transforms import eval_transform
 from .dedup import EVAL_CROPS, DedupIndex
-from .pool import PoolImages, ShardBatches, collate_pool
+from .pool import Pool, ShardStream
 
 if TYPE_CHECKING:
     from ..methods.teachers import TeacherSource
 
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2
+MAX_LISTED = 100  # skipped images / broken shards named in the summary
 
 
 def shard_path(work: Path, shard: int) -> Path:
@@ -64,10 +73,43 @@ class TopK:
         width = int(np.isfinite(p).sum(1).max(initial=0))  # drop all -inf columns
         self.probs, self.ids = p[:, :width], i[:, :width]
 
+    def merge_entries(self, cls: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> None:
+        """Merge flat (class, id, prob) entries (any order)."""
+        if not len(cls):
+            return
+        num_classes = self.probs.shape[0]
+        width = int(np.bincount(cls, minlength=num_classes).max())
+        p = np.full((num_classes, width), -np.inf, dtype=np.float32)
+        i = np.zeros((num_classes, width), dtype=np.int64)
+        slot = _slots(cls)
+        p[cls, slot], i[cls, slot] = probs, ids
+        self.merge(p, i)
+
+    def floor(self) -> np.ndarray:
+        """Per class, the probability below which nothing can enter any more (the k-th
+        best so far; -inf while a class holds fewer than k)."""
+        out = np.full(self.probs.shape[0], -np.inf, dtype=np.float32)
+        if self.probs.shape[1] == self.k:
+            out = self.probs[:, self.k - 1].copy()
+        return out
+
     def entries(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Valid entries as flat arrays: (class, rank, id, prob)."""
         cls, rank = np.nonzero(np.isfinite(self.probs))
         return cls, rank, self.ids[cls, rank], self.probs[cls, rank]
+
+    def live(self) -> set[int]:
+        return set(self.ids[np.isfinite(self.probs)].tolist())
+
+
+def _slots(cls: np.ndarray) -> np.ndarray:
+    """Position of each entry among the entries of its class (entries in any order)."""
+    order = np.argsort(cls, kind="stable")
+    counts = np.bincount(cls)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    slot = np.empty(len(cls), dtype=np.int64)
+    slot[order] = np.arange(len(cls)) - np.repeat(starts, counts)
+    return slot
 
 
 def assign(top: TopK) -> list[tuple[int, int, float]]:
@@ -88,50 +130,62 @@ def assign(top: TopK) -> list[tuple[int, int, float]]:
 
 @dataclass
 class ShardScorer:
-    """Accumulates one shard's batches: teacher probabilities -> dedup -> per-class top-k."""
+    """Accumulates one shard's batches: teacher probabilities -> dedup -> per-class top-k.
+    ``floor`` (per class, from the running top-k of finished shards) drops entries that
+    can no longer be selected; ``describe(shard, key)`` names an image in the dedup report."""
 
     num_classes: int
     k: int
     min_prob: float
     dedup: DedupIndex | None
     shard: int = -1
+    floor: np.ndarray | None = None
+    describe: Callable[[int, str], str] | None = None
     top: TopK = field(init=False)
-    maxprob: dict = field(default_factory=dict)
-    paths: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # pool id -> (key, phash), this shard's images
     scored: int = 0
+    seen: int = 0
     skipped: list = field(default_factory=list)
     dups: list = field(default_factory=list)
 
-    def start(self, shard: int) -> None:
-        self.shard, self.top, self.scored = shard, TopK(self.num_classes, self.k), 0
-        self.maxprob, self.paths, self.skipped, self.dups = {}, {}, [], []
+    def start(self, shard: int, floor: np.ndarray | None = None) -> "ShardScorer":
+        self.shard, self.top, self.scored, self.seen, self.floor = shard, TopK(self.num_classes, self.k), 0, 0, floor
+        self.info, self.skipped, self.dups = {}, [], []
+        return self
 
-    def add(self, batch: dict, logits: torch.Tensor | None, embeds: torch.Tensor | None,
-            path_of: Callable[[int], str]) -> None:
-        self.skipped += [[p, why] for _, p, why in batch["skipped"]]
+    def add(self, batch: dict, logits: torch.Tensor | None, embeds: torch.Tensor | None) -> None:
+        self.skipped += [[k, why] for k, why in batch["skipped"]]
+        self.seen += batch.get("seen", len(batch["skipped"]) + len(batch.get("keys", ())))
         if logits is None:
             return
         probs = F.softmax(logits.float(), dim=1).cpu()
-        ids = batch["index"]
+        ids, keys = batch["index"], batch["keys"]
         keep = probs >= self.min_prob
+        if self.floor is not None:
+            keep &= probs >= torch.from_numpy(self.floor).unsqueeze(0)
+        hashes = batch["phash"][:, 0] if "phash" in batch else torch.zeros(len(ids), dtype=torch.long)
         if self.dedup is not None:
-            for j, m in enumerate(self.dedup.check(batch["phash"][:, 0], embeds)):
+            for j, m in enumerate(self.dedup.check(hashes, embeds)):
                 if m is not None:
                     keep[j] = False
-                    self.dups.append([path_of(int(ids[j])), self.dedup.paths[m.eval_index], m.method,
-                                      m.score, m.distance, m.cosine])
+                    name = self.describe(self.shard, keys[j]) if self.describe else keys[j]
+                    self.dups.append([name, self.dedup.paths[m.eval_index],
+                                      m.method, m.score, m.distance, m.cosine])
         masked = torch.where(keep, probs, torch.tensor(float("-inf")))
         self.top.push(masked.numpy(), ids.numpy())
-        self.maxprob.update(zip(ids.tolist(), probs.max(1).values.tolist()))
+        live = keep.any(1).tolist()
+        self.info.update((i, (k, h)) for i, k, h, ok in zip(ids.tolist(), keys, hashes.tolist(), live) if ok)
         self.scored += len(ids)
 
-    def record(self, path_of: Callable[[int], str]) -> dict:
+    def record(self, broken: str = "", missing: int = 0) -> dict:
         cls, _, ids, probs = self.top.entries()
-        return {"format": SHARD_FORMAT, "shard": self.shard, "scored": self.scored,
-                "cls": torch.from_numpy(cls.astype(np.int64)), "idx": torch.from_numpy(ids.copy()),
-                "prob": torch.from_numpy(probs.copy()),
-                "maxprob": torch.tensor([self.maxprob[i] for i in ids.tolist()], dtype=torch.float32),
-                "paths": [path_of(i) for i in ids.tolist()], "skipped": self.skipped, "dups": self.dups}
+        unique, row = np.unique(ids, return_inverse=True)
+        info = [self.info[i] for i in unique.tolist()]
+        return {"format": SHARD_FORMAT, "shard": self.shard, "scored": self.scored, "seen": self.seen,
+                "cls": torch.from_numpy(cls.astype(np.int64)), "row": torch.from_numpy(row.astype(np.int64)),
+                "prob": torch.from_numpy(probs.copy()), "index": torch.from_numpy(unique.astype(np.int64)),
+                "keys": [k for k, _ in info], "phash": torch.tensor([h for _, h in info], dtype=torch.long),
+                "skipped": self.skipped, "dups": self.dups, "broken": broken, "missing": missing}
 
 
 def write_shard(work: Path, record: dict) -> None:
@@ -149,9 +203,15 @@ def read_shard(path: Path) -> dict:
     except Exception as err:  # noqa: BLE001
         raise UserError(f"mining work file '{path}' is unreadable ({str(err).splitlines()[0][:100]}); "
                         "delete it to rescore that shard") from None
-    if rec.get("format") != SHARD_FORMAT:
-        raise UserError(f"mining work file '{path}' has an unknown format; delete it")
+    if not isinstance(rec, dict) or rec.get("format") != SHARD_FORMAT:
+        raise UserError(f"mining work file '{path}' has an unknown format; delete it to rescore that shard")
     return rec
+
+
+def fold(top: TopK, rec: dict) -> None:
+    """Merge one shard record's entries into ``top``."""
+    idx = rec["index"].numpy()
+    top.merge_entries(rec["cls"].numpy(), idx[rec["row"].numpy()], rec["prob"].numpy())
 
 
 # ------------------------------------------------------------------ merge
@@ -162,48 +222,43 @@ class Merged:
     """The merge of all shard files: global top-k, candidate info and counters."""
 
     top: TopK
-    info: dict  # pool id -> (path, max prob), for ids in ``top`` only
+    info: dict  # pool id -> (shard, key, phash), for ids in ``top`` only
     scored: int = 0
+    seen: int = 0
     skipped: int = 0
     skipped_paths: list = field(default_factory=list)
     duplicates: int = 0
+    broken: list = field(default_factory=list)  # [shard, reason, samples never read]
+    missing: int = 0
 
 
 def merge_shards(files: Iterable[Path], num_classes: int, k: int,
-                 on_dups: Callable[[list], None] | None = None, max_listed: int = 100) -> Merged:
+                 on_dups: Callable[[list], None] | None = None, max_listed: int = MAX_LISTED,
+                 describe: Callable[[int, str], str] = lambda shard, key: key) -> Merged:
     """Fold shard files one at a time into a running top-k (memory independent of the pool)."""
     out = Merged(TopK(num_classes, k), {})
     for f in files:
         rec = read_shard(f)
+        shard = int(rec["shard"])
         out.scored += rec["scored"]
+        out.seen += rec["seen"]
         out.skipped += len(rec["skipped"])
-        out.skipped_paths += rec["skipped"][:max(0, max_listed - len(out.skipped_paths))]
+        room = max(0, max_listed - len(out.skipped_paths))
+        out.skipped_paths += [[describe(shard, key), why] for key, why in rec["skipped"][:room]]
         out.duplicates += len(rec["dups"])
+        if rec["broken"]:
+            out.missing += rec["missing"]
+            if len(out.broken) < max_listed:
+                out.broken.append([shard, rec["broken"], rec["missing"]])
         if on_dups and rec["dups"]:
             on_dups(rec["dups"])
-        cls, ids, probs = rec["cls"].numpy(), rec["idx"].numpy(), rec["prob"].numpy()
-        if len(cls):
-            width = int(np.bincount(cls, minlength=num_classes).max())
-            p = np.full((num_classes, width), -np.inf, dtype=np.float32)
-            i = np.zeros((num_classes, width), dtype=np.int64)
-            slot = _slots(cls)
-            p[cls, slot], i[cls, slot] = probs, ids
-            out.top.merge(p, i)
-        for j, (idx, path) in enumerate(zip(ids.tolist(), rec["paths"])):
-            out.info.setdefault(idx, (path, float(rec["maxprob"][j])))
-        live = set(out.top.ids[np.isfinite(out.top.probs)].tolist())
+        fold(out.top, rec)
+        live = out.top.live()
+        for j, (idx, key) in enumerate(zip(rec["index"].tolist(), rec["keys"])):
+            if idx in live:
+                out.info[idx] = (shard, key, int(rec["phash"][j]))
         out.info = {i: v for i, v in out.info.items() if i in live}
     return out
-
-
-def _slots(cls: np.ndarray) -> np.ndarray:
-    """Position of each entry among the entries of its class (entries in any order)."""
-    order = np.argsort(cls, kind="stable")
-    counts = np.bincount(cls)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    slot = np.empty(len(cls), dtype=np.int64)
-    slot[order] = np.arange(len(cls)) - np.repeat(starts, counts)
-    return slot
 
 
 # ------------------------------------------------------------------ teacher passes
@@ -216,59 +271,64 @@ def run_teacher(teacher: TeacherSource, images: torch.Tensor, device: torch.devi
     return view.logits.float().cpu(), None if view.embed is None else view.embed.float().cpu()
 
 
-def _loader(dataset, workers: int, device: torch.device, **kw) -> DataLoader:
-    return DataLoader(dataset, num_workers=workers, collate_fn=collate_pool,
-                      pin_memory=device.type == "cuda", **kw)
+def _loader(dataset: ShardStream, workers: int, device: torch.device) -> DataLoader:
+    # batches are made by the workers (one shard's images each): batch_size=None
+    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
 
 
-def build_index(paths: Sequence[str], teacher: TeacherSource, batch_size: int, workers: int,
+def build_index(pools: Sequence[Pool], teacher: TeacherSource, batch_size: int, workers: int,
                 device: torch.device, phash_threshold: int, embed_threshold: float,
                 show_progress: bool = True) -> DedupIndex:
     """Fingerprint the evaluation images: pHashes of each at :data:`EVAL_CROPS` framings and,
-    when the embedding test is on, the teacher's pooled embeddings."""
+    when the embedding test is on, the teacher's pooled embeddings. Streamed shard by shard
+    like the pool; memory is what the index itself holds (per evaluation image)."""
     pp = teacher.preprocessing
-    ds = PoolImages(paths, eval_transform(pp.image_size, pp.crop_pct), EVAL_CROPS)
+    tf = eval_transform(pp.image_size, pp.crop_pct)
     use_embed = teacher.capture is not None and embed_threshold <= 1.0
-    keep, hashes, embeds, skipped = [], [], [], []
-    with progress(len(ds), "dedup index", show_progress) as bar:
-        for batch in _loader(ds, workers, device, batch_size=batch_size):
-            skipped += [p for _, p, _ in batch["skipped"]]
-            if "image" in batch:
-                keep += batch["index"].tolist()
-                hashes.append(batch["phash"])
-                if use_embed:
-                    embeds.append(run_teacher(teacher, batch["image"], device)[1])
-            bar.update(len(batch["skipped"]) + len(batch.get("index", [])))
-    return DedupIndex([paths[i] for i in keep],
-                      torch.cat(hashes) if hashes else torch.zeros(0, len(EVAL_CROPS), dtype=torch.long),
+    names, hashes, embeds, skipped = [], [], [], []
+    with progress(sum(len(p) for p in pools), "dedup index", show_progress) as bar:
+        for pool in pools:
+            ds = ShardStream(pool, range(pool.num_shards), tf, batch_size, EVAL_CROPS)
+            for batch in _loader(ds, workers, device):
+                skipped += [pool.describe(batch["shard"], k) for k, _ in batch["skipped"]]
+                if "image" in batch:
+                    names += [pool.describe(batch["shard"], k) for k in batch["keys"]]
+                    hashes.append(batch["phash"])
+                    if use_embed:
+                        embeds.append(run_teacher(teacher, batch["image"], device)[1])
+                bar.update(batch["seen"])
+    return DedupIndex(names, torch.cat(hashes) if hashes else torch.zeros(0, len(EVAL_CROPS), dtype=torch.long),
                       torch.cat(embeds) if embeds and embeds[0] is not None else None,
                       phash_threshold, embed_threshold, skipped)
 
 
-def score_shards(paths: Sequence[str], shards: Sequence[int], shard_size: int, work: Path,
-                 teacher: TeacherSource, scorer: ShardScorer, batch_size: int, workers: int,
-                 device: torch.device, show_progress: bool = True) -> int:
-    """Score the given shards of the pool, writing each one as soon as it is complete."""
+def score_shards(pool: Pool, shards: Sequence[int], work: Path, teacher: TeacherSource,
+                 scorer: ShardScorer, batch_size: int, workers: int, device: torch.device,
+                 show_progress: bool = True, running: TopK | None = None) -> int:
+    """Score the given shards of the pool, writing each one as soon as it is complete.
+    ``scorer`` is the template (classes, k, min_prob, dedup); ``running`` the top-k of the
+    shards finished before (it prunes, and grows with each shard written here)."""
     pp = teacher.preprocessing
-    sampler = ShardBatches(shards, shard_size, len(paths), batch_size)
-    ds = PoolImages(paths, eval_transform(pp.image_size, pp.crop_pct))
-    total = sum(e - s for s, e in map(sampler.bounds, shards))
-    path_of = paths.__getitem__
-    current, written = None, 0
-    with progress(total, "mine", show_progress) as bar:
-        for batch in _loader(ds, workers, device, batch_sampler=sampler):
-            shard = batch["first"] // shard_size
-            if shard != current:
-                if current is not None:
-                    write_shard(work, scorer.record(path_of))
-                    written += 1
-                scorer.start(shard)
-                current = shard
+    ds = ShardStream(pool, shards, eval_transform(pp.image_size, pp.crop_pct), batch_size)
+    running = running if running is not None else TopK(scorer.num_classes, scorer.k)
+    active: dict[int, ShardScorer] = {}  # at most one shard in flight per worker
+    written = 0
+    with progress(sum(pool.shard_size(s) for s in shards), "mine", show_progress) as bar:
+        for batch in _loader(ds, workers, device):
+            shard = int(batch["shard"])
+            if shard not in active:
+                active[shard] = ShardScorer(scorer.num_classes, scorer.k, scorer.min_prob, scorer.dedup,
+                                            describe=pool.describe).start(shard, running.floor())
             logits, embeds = (run_teacher(teacher, batch["image"], device)
                               if "image" in batch else (None, None))
-            scorer.add(batch, logits, embeds, path_of)
-            bar.update(len(batch["skipped"]) + len(batch.get("index", [])))
-    if current is not None:
-        write_shard(work, scorer.record(path_of))
-        written += 1
+            active[shard].add(batch, logits, embeds)
+            bar.update(batch["seen"])
+            if batch["last"]:
+                if batch["broken"]:
+                    log(f"mine: warning: shard '{pool.shard_name(shard)}' is {batch['broken']}; "
+                        f"its {batch['missing']} remaining samples are skipped and counted")
+                rec = active.pop(shard).record(batch["broken"], batch["missing"])
+                write_shard(work, rec)
+                fold(running, rec)
+                written += 1
     return written

@@ -69,7 +69,7 @@ def measure_run(run: gather.Run, teacher: gather.Run | None, source, fingerprint
                 device: torch.device, split: str, tta: bool, batch_size: int, workers: int,
                 bench_seconds: float, with_onnx: bool) -> RunReport:
     model, _ = load_model(str(run.checkpoint), device)
-    scores = measure.score(run, model, source, fingerprint, device, split, tta, batch_size, workers)
+    scores = measure.score(run, model, source, labels, fingerprint, device, split, tta, batch_size, workers)
     log(f"[report] {run.name}: top-1 {scores.result.top1:.4f} on {scores.result.n} {split} images"
         f"{' (cached probabilities)' if scores.cached else ''}; measuring latency")
     cost = measure.cost(run, model, bench_seconds, with_onnx)
@@ -86,8 +86,9 @@ def build_report(specs: list[str], data: str, out: str | Path, split: str = Eval
                  bench_seconds: float = 0.5) -> dict:
     """Write the report of ``specs`` (run folders or checkpoints) on ``split`` of ``data``
     to ``out``; returns ``{"out": path, "rows": comparison table rows}``."""
+    from ..data.datasets import IndexedShards, open_eval_split
+    from ..data.shards import ShardSplit
     from ..data.softlabels import fingerprint as data_fingerprint
-    from ..data.sources import open_source
     from .page import render
 
     out = Path(out)
@@ -100,9 +101,10 @@ def build_report(specs: list[str], data: str, out: str | Path, split: str = Eval
         raise UserError("--bench-seconds must be > 0")
     runs, teacher_run, notes = open_runs(specs, teacher)
     dev = resolve_device(device)
-    source = open_source(data, split, classes=runs[0].meta["classes"])
+    source = open_eval_split(data, split, runs[0].meta["classes"])
     fp = data_fingerprint(source)
-    labels = torch.as_tensor(source.labels, dtype=torch.long)
+    images = IndexedShards(source) if isinstance(source, ShardSplit) else source  # the grid's thumbnails
+    labels = torch.as_tensor(images.labels, dtype=torch.long)
     missing = measure.onnxruntime_missing()
     if missing:
         notes.append(missing)
@@ -120,6 +122,6 @@ def build_report(specs: list[str], data: str, out: str | Path, split: str = Eval
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "bench_seconds": bench_seconds,
         "threads": reports[0].cost["threads"], "ort": missing is None,
     }
-    html = render(reports, source, context)
+    html = render(reports, images, context)
     atomic_write_text(out, html)
     return {"out": str(out), "rows": [rep.row() for rep in reports]}

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.shards import ShardSplit
 from ..data.sources import Source
 from ..deploy import DEFAULT_OPSET
 from ..deploy.card import LATENCY_BATCHES, LATENCY_THREADS
@@ -71,12 +72,11 @@ def _save_cache(path: Path, run: Run, fingerprint: str, tta: bool, probs: torch.
         run.notes.append(f"probabilities not cached ({first_line(err)})")
 
 
-def score(run: Run, model: nn.Module, source: Source, fingerprint: str, device: torch.device,
-          split: str, tta: bool, batch_size: int, workers: int) -> Scores:
+def score(run: Run, model: nn.Module, source: Source | ShardSplit, labels: torch.Tensor, fingerprint: str,
+          device: torch.device, split: str, tta: bool, batch_size: int, workers: int) -> Scores:
     """``run``'s probabilities on ``source`` from its cache, else from ``kdistill eval``'s
     pass (then cached)."""
     n, k = len(source), run.meta["num_classes"]
-    labels = torch.as_tensor(source.labels, dtype=torch.long)
     path = cache_file(run, split, tta, fingerprint)
     hit = _load_cache(path, run, fingerprint, tta, (n, k))
     if hit is not None:
