@@ -220,6 +220,19 @@ class _Epoch:
         return int(self.value[0])
 
 
+def round_robin(streams: list[Iterator]) -> Iterator:
+    """One item from each stream in turn, dropping streams as they end (a worker serving
+    several readers interleaves their batches as separate workers would)."""
+    streams = list(streams)
+    while streams:
+        for it in list(streams):
+            item = next(it, None)
+            if item is None:
+                streams.remove(it)
+            else:
+                yield item
+
+
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
@@ -273,14 +286,7 @@ class TrainStream(IterableDataset):
         worker, n_workers = _worker()
         # workers=0 reads the rank's slots in turn, one batch each, as workers would yield them
         mine = [plan.rank_slots(self.rank)[w] for w in range(plan.workers) if w % n_workers == worker]
-        streams = [self._slot(plan, s, epoch) for s in mine]
-        while streams:
-            for it in list(streams):
-                batch = next(it, None)
-                if batch is None:
-                    streams.remove(it)
-                else:
-                    yield batch
+        yield from round_robin([self._slot(plan, s, epoch) for s in mine])
 
     def _slot(self, plan: Plan, slot: int, epoch: int) -> Iterator[list[dict]]:
         sources = [shuffled(read_units(self.parts, units), self.shuffle_buffer,
@@ -333,14 +339,7 @@ class EvalStream(IterableDataset):
     def __iter__(self) -> Iterator[list[dict]]:
         worker, n_workers = _worker()
         mine = [self.rank * self.workers + w for w in range(self.workers) if w % n_workers == worker]
-        streams = [self._slot(s) for s in mine]
-        while streams:
-            for it in list(streams):
-                batch = next(it, None)
-                if batch is None:
-                    streams.remove(it)
-                else:
-                    yield batch
+        yield from round_robin([self._slot(s) for s in mine])
 
     def _slot(self, slot: int) -> Iterator[list[dict]]:
         items: list[dict] = []
