@@ -69,6 +69,7 @@ class Plan:
     pool_n: int = 1_000_000
     pool_shard: int = 10_000
     small_tars: int = 10  # the "100k" run: the first 10 tars
+    big_tars: int | None = None  # the big run: the first N tars (None: the whole pool, wds:DIR)
     top_k: int = 1500
     procs: int = 2
     teacher_epochs: int = 3
@@ -77,7 +78,7 @@ class Plan:
     batch: int = 256
     rate_images: int = 50_000  # (a): images decoded; (b): images through the teacher
     speed_steps: int = 60
-    speed_rounds: int = 5
+    speed_rounds: int = 3
     speed_batch: int = 128
     acc_epochs: int = 4
     acc_seeds: int = 3
@@ -283,6 +284,10 @@ def pool_specs(plan: Plan) -> dict[str, tuple[str, int]]:
         raise SystemExit(f"the pool in {plan.pool} is not finished; run the pool stage first")
     n_small = plan.small_tars * plan.pool_shard
     small = f"wds:{plan.pool}/unlabeled-{{000000..{plan.small_tars - 1:06d}}}.tar"
+    if plan.big_tars and plan.big_tars * plan.pool_shard < plan.pool_n:  # a machine too slow for the whole pool
+        n_big = plan.big_tars * plan.pool_shard
+        big = f"wds:{plan.pool}/unlabeled-{{000000..{plan.big_tars - 1:06d}}}.tar"
+        return {label(n_small): (small, n_small), label(n_big): (big, n_big)}
     return {label(n_small): (small, n_small), label(plan.pool_n): (f"wds:{plan.pool}", plan.pool_n)}
 
 
@@ -487,7 +492,7 @@ def stage_kill_resume(plan: Plan) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         for extra in out.parent.glob(f"{out.name}.*"):
             shutil.rmtree(extra, ignore_errors=True) if extra.is_dir() else extra.unlink()
-        half = plan.pool_n // plan.pool_shard // 2
+        half = images // plan.pool_shard // 2
         work = out / "mined.work"
         scored = lambda: len(list(work.glob("shard-*.pt")))  # noqa: E731 - finished pool tars
         t0 = time.time()
@@ -576,6 +581,11 @@ def arms(plan: Plan, shards: Path) -> dict[str, list[str]]:
             "folder": ["--data", plan.train_root, "-o", "data.in_memory=no"]}
 
 
+def pack_val_shard(shards: Path) -> int:
+    """Samples in the first val shard of a pack (the shards arm's short val pass)."""
+    return int(json.loads((shards / "_info.json").read_text())["splits"]["val"]["shard_lengths"][0])
+
+
 def last_metrics(out: Path) -> dict:
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     return rows[-1]
@@ -594,9 +604,12 @@ def stage_train_speed(plan: Plan) -> dict:
                 continue
             out = plan.work / "speed-runs" / f"{name}-r{r}"
             shutil.rmtree(out, ignore_errors=True)
+            # a short val pass (not in train images/s): one val shard, or as many folder images
+            short_val = (["-o", f"data.val=wds:{shards}/val-000000.tar"] if name == "shards"
+                         else ["-o", f"data.max_val_images={pack_val_shard(shards)}"])
             cmd = kd("train", *data, "--model", "resnet8", "--epochs", "1", "--batch-size", str(plan.speed_batch),
                      "--workers", str(plan.workers), "--out", str(out), "--no-progress", "--seed", str(r),
-                     "-o", f"train.max_steps_per_epoch={plan.speed_steps}", "-o", "data.max_val_images=200")
+                     "-o", f"train.max_steps_per_epoch={plan.speed_steps}", *short_val)
             run_cmd(cmd, plan.work / "logs" / f"speed-{name}-r{r}.log")
             m = last_metrics(out)
             row = {"round": r, "arm": name, "images_per_s": m["train.images_per_s"],
@@ -871,8 +884,12 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="a tiny version in a throw-away cache")
     p.add_argument("--cache", type=Path, default=None, help="the cache folder (default: see above)")
     p.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (default 3, ~10 min)")
+    p.add_argument("--big-tars", type=int, default=None,
+                   help="mine and kill-resume the first N pool tars instead of all of them (a slow machine)")
     a = p.parse_args()
     plan = smoke_plan(a.cache) if a.smoke else full_plan(a.cache)
+    if a.big_tars:
+        plan.big_tars = a.big_tars
     if a.teacher_epochs:
         plan.teacher_epochs = a.teacher_epochs
     plan.work.mkdir(parents=True, exist_ok=True)
