@@ -123,3 +123,25 @@ def torchrun(script: Path | str, *args: str, nproc: int = 2, cwd: Path = ROOT, e
         out, err = proc.communicate()
         pytest.fail(f"torchrun hung for {timeout} s:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised at the start of a chosen epoch."""
+
+
+def train_killed_at_epoch(monkeypatch, args: list[str], epoch: int = 1) -> None:
+    """``kdistill train ARGS`` killed as epoch ``epoch`` begins (epochs before it are saved)."""
+    from kdistill.cli import main
+    from kdistill.engine.trainer import Trainer
+
+    train_epoch = Trainer.train_epoch
+
+    def dying(self, e):
+        if e == epoch:
+            raise Killed
+        return train_epoch(self, e)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_epoch", dying)
+        with pytest.raises(Killed):
+            main(["train", *args])

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import train_killed_at_epoch
 from safetensors.torch import load_file
 
 from kdistill.cli import main
@@ -74,33 +75,17 @@ def test_items_made_in_the_training_process_leave_its_random_streams_alone(tiny_
     assert torch.equal(after[0], torch.rand(3)) and after[1:] == (random.random(), np.random.rand())
 
 
-class _Killed(Exception):
-    """Stands in for kill -9 right after an epoch's checkpoint."""
-
-
 def test_resume_with_persistent_workers_matches_uninterrupted(tiny_root, tmp_path, monkeypatch):
     """2 epochs with 2 persistent workers (pad-and-crop, flip, mixup, dropout), stopped after
     epoch 1 and resumed: the same weights and metrics as an uninterrupted run, and as one
     whose items the training process made itself (workers=0)."""
-    from kdistill.engine.trainer import Trainer
-
     common = ["--data", str(tiny_root), "--model", "resnet8", "--epochs", "2", "--seed", "3",
               "--no-progress", "--batch-size", "8", "--device", "cpu", "-o", "data.in_memory=no",
               "-o", "data.max_train_images=36", "-o", "data.mixup=0.4", "-o", "model.drop_rate=0.2"]
     persistent = ["--workers", "2", "-o", "data.persistent_workers=true"]
     clean, killed, inline = tmp_path / "clean", tmp_path / "killed", tmp_path / "inline"
     assert main(["train", *common, *persistent, "--out", str(clean)]) == 0
-    train_epoch = Trainer.train_epoch
-
-    def dying(self, epoch):
-        if epoch == 1:
-            raise _Killed
-        return train_epoch(self, epoch)
-
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "train_epoch", dying)
-        with pytest.raises(_Killed):
-            main(["train", *common, *persistent, "--out", str(killed)])
+    train_killed_at_epoch(monkeypatch, [*common, *persistent, "--out", str(killed)])
     assert [r["epoch"] for r in rows(killed)] == [1]
     assert main(["train", *common, *persistent, "--out", str(killed), "--resume"]) == 0
     assert main(["train", *common, "--workers", "0", "--out", str(inline)]) == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, TRAIN_ARGS, make_folder, make_image
+from conftest import CLASSES, TRAIN_ARGS, make_folder, make_image, train_killed_at_epoch
 
 from kdistill.cli import main
 from kdistill.data.datasets import ImageDataset, MixedDataset, open_unlabeled_split
@@ -254,29 +254,13 @@ def test_shards_without_info_are_counted_and_a_truncated_shard_is_skipped(tmp_pa
     assert "train-000003.tar" in capsys.readouterr().err
 
 
-class _Killed(Exception):
-    pass
-
-
 def test_a_killed_run_resumes_to_the_uninterrupted_result(wds_root, tmp_path, monkeypatch):
     from safetensors.torch import load_file
-
-    from kdistill.engine.trainer import Trainer
 
     args = ["--data", f"wds:{wds_root}", *COMMON, "--workers", "2", "-o", "data.persistent_workers=true"]
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     assert main(["train", *args, "--out", str(clean)]) == 0
-    train_epoch = Trainer.train_epoch
-
-    def dying(self, epoch):
-        if epoch == 1:
-            raise _Killed
-        return train_epoch(self, epoch)
-
-    with monkeypatch.context() as m:
-        m.setattr(Trainer, "train_epoch", dying)
-        with pytest.raises(_Killed):
-            main(["train", *args, "--out", str(killed)])
+    train_killed_at_epoch(monkeypatch, [*args, "--out", str(killed)])
     assert main(["train", *args, "--out", str(killed), "--resume"]) == 0
     a, b = load_file(clean / "last.safetensors"), load_file(killed / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
