@@ -27,7 +27,7 @@ TRAIN_FLAGS = {
     "seed": "train.seed", "device": "train.device", "workers": "data.workers",
     "ema": "train.ema_decay", "image_size": "data.image_size", "amp": "train.amp",
 }
-TRAIN_SWITCHES = {"resume": "train.resume", "pretrained": "model.pretrained",
+TRAIN_SWITCHES = {"resume": "train.resume", "pretrained": "model.pretrained", "qat": "model.qat",
                   "no_progress": None}
 
 
@@ -58,6 +58,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="autocast on (--amp) or off (--no-amp); default train.amp=auto: on for CUDA "
                         "and CPUs with native bf16, fp32 elsewhere")
     p.add_argument("--pretrained", action="store_true", help="start from published weights")
+    p.add_argument("--qat", action="store_true",
+                   help="quantization-aware: train in fp32 with the fake quantization the int8 export "
+                        "(kdistill export --int8) runs; start from a float run with -o model.checkpoint=RUN")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_args(p)
 

@@ -151,6 +151,9 @@ class ModelConfig:
     # kept as 'auto' in config.yaml so a resumed run chooses again on its new machine
     channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False  # torch.compile the student's forward (weights and checkpoints unchanged)
+    # quantization-aware training: fp32 with the fake quantization its int8 ONNX export runs
+    # (models/quant.py); start it from a float run with model.checkpoint
+    qat: bool = False
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must be set (see `kdistill list models`)")

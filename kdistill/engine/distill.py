@@ -135,6 +135,9 @@ def build_method(ctx: RunContext, sd: DistillSection, teacher: TeacherSource | N
         raise UserError("feature and relation losses need the teacher's forward pass; with "
                         "--soft-labels or view fixed use logit losses (kd, js, dkd, ...)")
     need_feats, need_embed = "features" in families, "relations" in families
+    if ctx.cfg.model.qat and (need_feats or need_embed):
+        raise UserError("--qat trains the traced, fake-quantized student, whose layers feature and relation "
+                        "losses cannot hook; use logit losses (kd, js, dkd, ...) with --qat")
     s_cap = None
     student, prep = ctx.student, ctx.student_prep()
     crop = max([prep.size] + ([teacher.size] if teacher is not None and teacher.size else []))

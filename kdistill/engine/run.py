@@ -120,6 +120,11 @@ def prepare(cfg: Config) -> RunContext:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = dist.init(resolve_device(cfg.train.device))
+    if cfg.model.qat:  # the fake quantization must see what int8 runs: fp32 values
+        if cfg.train.amp is True:
+            raise UserError("--qat trains in fp32 (fake quantization of bf16/fp16 values is not what the "
+                            "int8 model computes); drop --amp / train.amp=true")
+        cfg.train.amp = False
     out = run_folder(cfg)
     check_out(out, cfg.train.resume)
     if not cfg.data.root and not cfg.data.train:
@@ -130,7 +135,7 @@ def prepare(cfg: Config) -> RunContext:
     mc = cfg.model
     student = create_model(mc.name, len(splits.classes), pretrained=mc.pretrained,
                            checkpoint=mc.checkpoint, pretrained_path=mc.pretrained_path,
-                           drop_rate=mc.drop_rate)
+                           drop_rate=mc.drop_rate, qat=mc.qat)
     if mc.checkpoint:
         model_default = meta_preprocessing(read_meta(resolve_checkpoint(mc.checkpoint)))
     else:

@@ -142,6 +142,7 @@ class Trainer:
             "run": str(self.out.resolve()), "ema": self.ema is not None,
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
             "kdistill_version": __version__, **self.precision.record(self.device),
+            **({"qat": student.kdistill_qat} if hasattr(student, "kdistill_qat") else {}),
             **self.method.describe(), **self.meta,
         }
 

@@ -54,14 +54,16 @@ def _unknown_message(name: str) -> str:
 
 def create_model(name: str, num_classes: int, pretrained: bool = False,
                  checkpoint: str | None = None, pretrained_path: str | None = None,
-                 drop_rate: float = 0.0) -> nn.Module:
+                 drop_rate: float = 0.0, qat: bool = False) -> nn.Module:
     """Build ``name`` with a ``num_classes`` head.
 
     ``pretrained`` loads timm / torchvision / Hugging Face weights (their cache, else the
     network; or the local file ``pretrained_path``, which alone implies ``pretrained``);
     ``model.kdistill_weights`` says which. The head is re-initialised
     when its size differs. ``checkpoint`` loads a kdistill run or checkpoint whose
-    architecture and classes match.
+    architecture and classes match. ``qat``: the model rewritten for quantization-aware
+    training (``models/quant.py``), after the float weights are loaded; a checkpoint of such
+    a model needs ``qat``.
     """
     pretrained = pretrained or bool(pretrained_path)
     source, bare = resolve_name(name)
@@ -79,11 +81,20 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     else:
         model = _create_torchvision(bare, num_classes, pretrained, pretrained_path)
     model.kdistill_arch = arch_name(source, bare, model)  # type: ignore[attr-defined]
-    if checkpoint:
-        from .checkpoint import load_weights_into
+    from .quant import QATModel, is_qat, prepare_qat
 
+    if checkpoint:
+        from .checkpoint import load_weights_into, read_meta, resolve_checkpoint
+
+        if is_qat(read_meta(resolve_checkpoint(checkpoint))):
+            if not qat:
+                raise UserError(f"'{checkpoint}' holds a quantization-aware student; continue it with --qat "
+                                "(-o model.qat=true), or start from its float run")
+            model = prepare_qat(model)
         load_weights_into(model, checkpoint, num_classes)
         model.kdistill_weights = f"checkpoint {checkpoint}"
+    if qat and not isinstance(model, QATModel):
+        model = prepare_qat(model)
     return model
 
 

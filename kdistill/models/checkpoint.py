@@ -92,7 +92,8 @@ def load_model(run_or_ckpt: str, device: torch.device | str = "cpu") -> tuple[nn
 
     path = resolve_checkpoint(run_or_ckpt)
     meta = read_meta(path)
-    model = create_model(meta["arch"], meta["num_classes"], drop_rate=meta.get("drop_rate", 0.0))
+    model = create_model(meta["arch"], meta["num_classes"], drop_rate=meta.get("drop_rate", 0.0),
+                         qat=bool(meta.get("qat")))
     load_weights_into(model, str(path))
     meta["path"] = str(path)
     return model.to(device).eval(), meta
