@@ -54,19 +54,24 @@ def read_config(path: Path) -> dict | None:
 
 
 def measure_latency(model: nn.Module, exported: Predictor, image_size: int,
-                    seconds: float = 0.5) -> dict[str, dict[str, float]]:
-    """ms per image at each of :data:`LATENCY_BATCHES` for torch eager and the export, both
-    on :data:`LATENCY_THREADS` thread (see :func:`~kdistill.models.profile.latency_table`)."""
+                    seconds: float = 0.5, fp32_onnx: str | None = None) -> dict[str, dict[str, float]]:
+    """ms per image at each of :data:`LATENCY_BATCHES` for torch eager and the export (and,
+    for an int8 export, the fp32 ONNX it was made from: ``onnxruntime_fp32``), all on
+    :data:`LATENCY_THREADS` thread (see :func:`~kdistill.models.profile.latency_table`)."""
     eager = Normalized(model, exported.pp).eval()
     if isinstance(exported, OnnxPredictor):
         exported = OnnxPredictor(exported.path, threads=LATENCY_THREADS)
-    return latency_table(eager, image_size, {exported.backend: exported.logits}, LATENCY_BATCHES,
-                         seconds, LATENCY_THREADS)
+    others = {exported.backend: exported.logits}
+    if fp32_onnx:
+        others["onnxruntime_fp32"] = OnnxPredictor(fp32_onnx, threads=LATENCY_THREADS).logits
+    return latency_table(eager, image_size, others, LATENCY_BATCHES, seconds, LATENCY_THREADS)
 
 
 def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Path, parity: Any,
-               bench_seconds: float = 0.5) -> dict:
-    """The card's content for ``exported`` (written from ``model``, loaded from ``checkpoint``)."""
+               bench_seconds: float = 0.5, int8: dict | None = None) -> dict:
+    """The card's content for ``exported`` (written from ``model``, loaded from ``checkpoint``);
+    ``int8``: an int8 export's :func:`~kdistill.deploy.int8.int8_summary` plus ``fp32_path``,
+    the fp32 ONNX it was made from (timed beside it)."""
     pp = Preprocessing.from_dict(meta["preprocessing"])
     run_dir = checkpoint.parent
     summary = read_json(run_dir / "summary.json")
@@ -79,7 +84,8 @@ def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Pa
         "model": {"arch": meta["arch"], "num_classes": meta["num_classes"], "classes": meta["classes"],
                   "params": count_params(model), "flops": count_flops(model, pp.image_size),
                   "preprocessing": pp.to_dict(), "input": meta["input"], "output": meta["output"]},
-        "file": {"path": str(path), "format": meta["format"], "bytes": path.stat().st_size,
+        "file": {"path": str(path), "format": meta["format"], "precision": meta.get("precision", "fp32"),
+                 "bytes": path.stat().st_size,
                  "sha256": file_sha256(path), "opset": meta.get("opset")},
         "source": {"checkpoint": str(checkpoint), "run": meta.get("run"), "epoch": ckpt_meta.get("epoch"),
                    "ema": ckpt_meta.get("ema"), "trained": ckpt_meta.get("created"),
@@ -91,7 +97,9 @@ def build_card(model: nn.Module, exported: Predictor, meta: dict, checkpoint: Pa
                      "run_best": (summary or {}).get("best"), "run_best_epoch": (summary or {}).get("best_epoch"),
                      "run_epochs": (summary or {}).get("epochs")},
         "parity": asdict(parity) if parity is not None else None,
-        "latency_ms_per_image": measure_latency(model, exported, pp.image_size, bench_seconds),
+        "int8": {k: v for k, v in int8.items() if k != "fp32_path"} if int8 else None,
+        "latency_ms_per_image": measure_latency(model, exported, pp.image_size, bench_seconds,
+                                                int8.get("fp32_path") if int8 else None),
         "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
         "load_average_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "kdistill_version": meta["kdistill_version"],
@@ -105,7 +113,8 @@ def _pct(v: Any) -> str:
 def render_markdown(card: dict) -> str:
     m, f, src, rec, acc = card["model"], card["file"], card["source"], card["recipe"], card["accuracy"]
     pp = m["preprocessing"]
-    lines = [f"# Model card: {m['arch']} ({f['format']})", "",
+    int8 = card.get("int8")
+    lines = [f"# Model card: {m['arch']} ({f['format']}{', int8' if int8 else ''})", "",
              f"`{Path(f['path']).name}`, {f['bytes']:,} bytes, sha256 `{f['sha256'][:16]}…`"
              + (f", ONNX opset {f['opset']}" if f.get("opset") else ""), "",
              "## Use", "",
@@ -119,8 +128,10 @@ def render_markdown(card: dict) -> str:
              "", "## Cost", "",
              f"- Parameters: {m['params']:,}; FLOPs per image: {m['flops'] / 1e6:,.1f} M",
              "", f"| runtime ({LATENCY_THREADS} thread) | ms/image, batch 1 | ms/image, batch 32 |", "|---|---|---|"]
+    names = {"onnxruntime": "onnxruntime, int8 (this file)", "onnxruntime_fp32": "onnxruntime, fp32"} if int8 else {}
     for runtime, row in card["latency_ms_per_image"].items():
-        lines.append(f"| {runtime} | {row.get('1', float('nan')):.3f} | {row.get('32', float('nan')):.3f} |")
+        lines.append(f"| {names.get(runtime, runtime)} | {row.get('1', float('nan')):.3f} | "
+                     f"{row.get('32', float('nan')):.3f} |")
     load = card.get("load_average_1min")
     lines += ["", f"Measured {card['date']} on {card['machine']}"
               + (f" (1-minute load average {load:.1f})" if load is not None else "")
@@ -137,8 +148,11 @@ def render_markdown(card: dict) -> str:
         lines.append("- No val metrics recorded with this checkpoint.")
     par = card.get("parity")
     if par:
-        lines.append(f"- Export parity on {par['n']} {par['source']}: max |Δprob| {par['max_abs_diff']:.2e} "
+        what = "fp32 ONNX parity (the graph quantized)" if card.get("int8") else "Export parity"
+        lines.append(f"- {what} on {par['n']} {par['source']}: max |Δprob| {par['max_abs_diff']:.2e} "
                      f"(tolerance {par['tolerance']:.0e}), top-1 agreement {_pct(par['top1_agreement'])}")
+    if int8:
+        lines += int8_lines(int8, card["latency_ms_per_image"])
     lines += ["", "## How it was made", "",
               f"- Method: {rec.get('method') or 'unknown'}" + (f"; loss terms: {', '.join(rec['losses'])}"
                                                               if rec.get("losses") else "")]
@@ -155,6 +169,38 @@ def render_markdown(card: dict) -> str:
     lines += [f"- Checkpoint: `{src['checkpoint']}`; run `{src.get('run')}`; trained {src.get('trained')} "
               f"with kdistill {src.get('trained_with')}; exported with kdistill {card['kdistill_version']}", ""]
     return "\n".join(lines)
+
+
+def int8_lines(int8: dict, latency: dict) -> list[str]:
+    """The card's int8 section: fp32 beside int8 (size, latency, accuracy), the kernels ONNX
+    Runtime runs and how the model was quantized."""
+    a, q = int8["agreement"], int8["quantization"]
+    fp32_ms, int8_ms = latency.get("onnxruntime_fp32", {}), latency.get("onnxruntime", {})
+
+    def ms(row: dict, b: str) -> str:
+        return f"{row[b]:.3f}" if b in row else "n/a"
+
+    lines = ["", "## int8", "", "| | fp32 ONNX | int8 ONNX (this file) |", "|---|---|---|",
+             f"| file size | {int8['fp32_bytes']:,} bytes | {int8['int8_bytes']:,} bytes "
+             f"({int8['int8_bytes'] / max(1, int8['fp32_bytes']):.2f}x) |",
+             *[f"| ms/image, batch {b} ({LATENCY_THREADS} thread) | {ms(fp32_ms, b)} | {ms(int8_ms, b)} |"
+               for b in map(str, LATENCY_BATCHES)]]
+    if a.get("reference_top1") is not None:
+        lines.append(f"| top-1 on {a['n_labeled']} {a['source']} | {_pct(a['reference_top1'])} (torch eager) "
+                     f"| {_pct(a['int8_top1'])} |")
+    kernels = ", ".join(f"{op} x{n}" for op, n in sorted(int8["kernels"].items())) or "none"
+    lines += ["", f"- Top-1 agreement with the fp32 student: {_pct(a['top1_agreement'])} of {a['n']} "
+                  f"{a['source']} (the export fails below {_pct(a['min_agreement'])}); max |Δprob| "
+                  f"{a['max_abs_diff']:.2e}",
+              f"- ONNX Runtime ({int8['optimization_level']}, CPU) runs int8 kernels: {kernels}"]
+    left = int8.get("float_nodes") or []
+    lines.append(f"- Still in float: {', '.join(f'`{n}`' for n in left)}" if left
+                 else "- No Conv/Gemm/MatMul left in float.")
+    ranges = (f", {q.get('calibration')} ranges from {q['calibration_images']} training images"
+              if q.get("calibration_images") else "")
+    lines.append(f"- Quantized by {q.get('method')} ({q.get('format')}): activations {q.get('activations')}, "
+                 f"weights {q.get('weights')}{ranges}; onnxruntime {q.get('onnxruntime')}")
+    return lines
 
 
 def write_card(out: str | Path, card: dict) -> tuple[Path, Path]:

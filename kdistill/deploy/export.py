@@ -14,6 +14,13 @@ batches of 32 (so the dynamic batch is exercised). The check fails when the larg
 absolute difference of any softmax probability exceeds ``tolerance`` (default 1e-4); top-1
 agreement is reported but not gated (near-ties may legitimately flip). A file that fails
 is not written (the previous file at that path, if any, is kept).
+
+int8 (``--int8``, ONNX only; :mod:`kdistill.deploy.int8` makes the file): the fp32 graph is
+written to a temporary folder and checked as above on the first ``n_images``, then
+quantized; the int8 file is compared with the fp32 student on ``max(1000, n_images)`` val
+images (as many as the split has): top-1 agreement, gated by ``min_agreement``, and the
+top-1 accuracy of both against the labels. The kernels ONNX Runtime runs for it are listed
+(int8 counts; float Conv/Gemm/MatMul left are named in a warning, not an error).
 """
 from __future__ import annotations
 
@@ -33,10 +40,11 @@ from .. import __version__
 from ..data.transforms import Preprocessing
 from ..errors import KdistillError, UserError
 from ..utils import atomic_path
-from . import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
 from ..models.onnx import INPUT_NAME, OUTPUT_NAME, Normalized, onnx_bytes
-from .runtime import (META_KEY, TS_EXTRA, ImageError, OnnxPredictor,
-                      Predictor, Preparer, load_torchscript, read_rgb, softmax, torch_logits)
+from . import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
+from .int8 import DEFAULT_CALIB_IMAGES, DEFAULT_MIN_AGREEMENT, INT8_PARITY_IMAGES, MIN_CALIB_IMAGES
+from .inputs import calibration_inputs, parity_inputs
+from .runtime import META_KEY, TS_EXTRA, OnnxPredictor, Predictor, load_torchscript, softmax, torch_logits
 
 MIN_OPSET, MAX_OPSET = 9, 20  # the TorchScript-based ONNX exporter's range (needs no onnxscript)
 PARITY_BATCH = 32
@@ -108,62 +116,6 @@ def load_exported(path: Path, fmt: str) -> Predictor:
 # ------------------------------------------------------------------ parity
 
 
-def parity_inputs(pp: Preprocessing, classes: list[str], checkpoint: Path, data: str | None,
-                  n: int) -> tuple[np.ndarray, str]:
-    """Up to ``n`` val images (float32 [0, 1], cropped as in evaluation) and where they came
-    from; random inputs when the run records no readable data and ``data`` is not given."""
-    from ..data.datasets import open_eval_split, shard_images
-    from ..data.shards import ShardSplit, is_wds
-    from ..data.sources import open_source, stratified_subset
-
-    root, val = data, None
-    if root is None:
-        cfg_path = checkpoint.parent / "config.yaml"
-        if cfg_path.is_file():
-            import yaml
-
-            try:
-                section = (yaml.safe_load(cfg_path.read_text()) or {}).get("data") or {}
-                root, val = section.get("root") or None, section.get("val")
-            except yaml.YAMLError:
-                root = None
-    images: list[np.ndarray] = []
-    source = None
-    if root or val:
-        try:
-            if is_wds(val or root):  # shards: the first n readable val samples in shard order
-                source = open_eval_split(val or root, "val", list(classes))
-            else:
-                source = open_source(root or "", "val", explicit=val, classes=list(classes))
-        except UserError as err:
-            if data is not None:  # the user named this data: tell them, do not guess
-                raise UserError(f"--data {data}: {err}") from None
-            print(f"note: the run's data ({err}) is unavailable; parity uses random inputs")
-    if isinstance(source, ShardSplit) and n > 0:
-        prep = Preparer(pp)
-        images = [prep(img) for _, img in shard_images(source, n)]
-    elif source is not None and n > 0:
-        prep = Preparer(pp)
-        subset = stratified_subset(source, n, seed=0)
-        for i in range(len(subset)):
-            try:  # PIL for files: torchvision's decoders can crash on a corrupt PNG
-                img = read_rgb(subset.paths[i]) if subset.paths else subset.load(i)
-            except ImageError:
-                continue
-            if img is not None:
-                images.append(prep(img))
-    if images:
-        return np.stack(images), f"val images of {root or val}"
-    if source is not None:
-        print(f"note: no readable val image in {root or val}; parity uses random inputs")
-    elif not (root or val):
-        print(f"note: no data recorded beside {checkpoint} (config.yaml data.root) and no --data; "
-              "parity uses random inputs")
-    gen = torch.Generator().manual_seed(0)
-    size = pp.image_size
-    return torch.rand(max(n, 2), 3, size, size, generator=gen).numpy(), "random inputs"
-
-
 def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Callable[[np.ndarray], np.ndarray],
                  x: np.ndarray, source: str, tolerance: float = DEFAULT_TOLERANCE) -> Parity:
     """Compare softmax probabilities of two logit functions on ``x``: the first image alone,
@@ -182,10 +134,11 @@ def check_parity(reference: Callable[[np.ndarray], np.ndarray], candidate: Calla
 # ------------------------------------------------------------------ export
 
 
-def export_meta(meta: dict, pp: Preprocessing, fmt: str, checkpoint: str | None) -> dict:
+def export_meta(meta: dict, pp: Preprocessing, fmt: str, checkpoint: str | None,
+                precision: str = "fp32") -> dict:
     """What the exported file carries (see the module docstring)."""
     return {
-        "format": fmt, "arch": meta["arch"], "num_classes": meta["num_classes"],
+        "format": fmt, "precision": precision, "arch": meta["arch"], "num_classes": meta["num_classes"],
         "classes": list(meta["classes"]), "preprocessing": pp.to_dict(),
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "range": [0, 1],
                   "normalized_in_graph": True, "shape": ["batch", 3, pp.image_size, pp.image_size]},
@@ -224,12 +177,20 @@ def export_module(model: nn.Module, meta: dict, fmt: str, out: str | Path, input
 def export_checkpoint(run_or_ckpt: str, fmt: str, out: str, image_size: int | None = None,
                       opset: int = DEFAULT_OPSET, data: str | None = None,
                       tolerance: float = DEFAULT_TOLERANCE, n_images: int = 64, card: bool = True,
-                      bench_seconds: float = 0.5) -> dict:
+                      bench_seconds: float = 0.5, int8: bool = False, calib_images: int = DEFAULT_CALIB_IMAGES,
+                      min_agreement: float = DEFAULT_MIN_AGREEMENT) -> dict:
     """``kdistill export``: the run's student to ``out`` (+ model card), printing the parity."""
     from ..models.checkpoint import load_model, meta_preprocessing, resolve_checkpoint
 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}' (use {' or '.join(FORMATS)})")
+    if int8 and fmt != "onnx":
+        raise UserError(f"--int8 needs --format onnx (ONNX Runtime runs the int8 model); {fmt} is fp32 only")
+    if int8 and calib_images < MIN_CALIB_IMAGES:
+        raise UserError(f"--calib-images {calib_images} is too few to calibrate int8 ranges; "
+                        f"use at least {MIN_CALIB_IMAGES} (default {DEFAULT_CALIB_IMAGES})")
+    if not 0 <= min_agreement:
+        raise UserError("--min-agreement must be >= 0 (a fraction of images, e.g. 0.95)")
     if image_size is not None and image_size < 8:
         raise UserError("--image-size must be at least 8")
     if tolerance < 0 or n_images < 1:
@@ -241,9 +202,12 @@ def export_checkpoint(run_or_ckpt: str, fmt: str, out: str, image_size: int | No
     pp = meta_preprocessing(meta)
     if image_size:
         pp = Preprocessing(image_size, pp.mean, pp.std, pp.crop_pct)
+    if int8:
+        return export_int8(model, meta, pp, ckpt, out, opset, data, tolerance, n_images, card, bench_seconds,
+                           calib_images, min_agreement)
     emeta = export_meta(meta, pp, fmt, str(ckpt.resolve()))
-    inputs, source = parity_inputs(pp, meta["classes"], ckpt, data, n_images)
-    parity, exported = export_module(model, emeta, fmt, out, inputs, source, tolerance, opset)
+    inputs = parity_inputs(pp, meta["classes"], ckpt, data, n_images)
+    parity, exported = export_module(model, emeta, fmt, out, inputs.x, inputs.source, tolerance, opset)
     print(parity.line(exported.backend))
     result = {"out": str(out), "format": fmt, "parity": asdict(parity), "meta": exported.meta}
     if card:
@@ -253,3 +217,66 @@ def export_checkpoint(run_or_ckpt: str, fmt: str, out: str, image_size: int | No
         result["card"] = [str(p) for p in write_card(out, doc)]
     print(f"exported {meta['arch']} ({fmt}) -> {out}" + (f"  card: {result['card'][0]}" if card else ""))
     return result
+
+
+def export_int8(model: nn.Module, meta: dict, pp: Preprocessing, ckpt: Path, out: str, opset: int,
+                data: str | None, tolerance: float, n_images: int, card: bool, bench_seconds: float,
+                calib_images: int, min_agreement: float) -> dict:
+    """``kdistill export --int8`` (see the module docstring): fp32 ONNX in a temporary
+    folder, parity-checked; the int8 model from it (:func:`~.int8.int8_onnx`), its kernels
+    and its agreement with the reference; ``out`` only when the agreement passes."""
+    import tempfile
+
+    from .int8 import check_agreement, int8_kernels, int8_onnx, int8_summary, reference_logits
+
+    emeta = export_meta(meta, pp, "onnx", str(ckpt.resolve()), precision="fp32")
+    inputs = parity_inputs(pp, meta["classes"], ckpt, data, max(INT8_PARITY_IMAGES, n_images), required=True)
+    def calib() -> np.ndarray:  # only when int8_onnx calibrates
+        return calibration_inputs(pp, meta["classes"], ckpt, data, calib_images, MIN_CALIB_IMAGES).x
+
+    reference = reference_logits(model, pp)
+    with tempfile.TemporaryDirectory(prefix="kdistill-int8-") as work:
+        fp32_path = Path(work) / "fp32.onnx"
+        write_onnx(Normalized(model.cpu().eval().float(), pp).eval(), emeta, fp32_path, opset)
+        fp32 = OnnxPredictor(str(fp32_path))
+        parity = check_parity(reference, fp32.logits, inputs.x[:n_images], inputs.source, tolerance)
+        print(parity.line("onnxruntime fp32"))
+        if not parity.ok:
+            raise ParityError(parity.line("onnxruntime fp32") + f"; {out} not written "
+                              "(the fp32 graph already differs; raise --tolerance to accept it)")
+        with atomic_path(out) as tmp:
+            int8_onnx(model, emeta, pp, fp32_path, calib, tmp, opset)
+            kernels = int8_kernels(tmp)
+            exported = OnnxPredictor(str(tmp))
+            agreement = check_agreement(reference, exported.logits, inputs.x, inputs.labels, inputs.source,
+                                        min_agreement)
+            if not agreement.ok:
+                raise ParityError(agreement.line() + f"; {out} not written (lower --min-agreement to "
+                                  "accept it, or calibrate on more images: --calib-images)")
+        exported.path = str(out)
+        print(agreement.line())
+        print(f"onnxruntime {kernels.level}: {kernels.summary()}")
+        if kernels.float_nodes:
+            shown = ", ".join(kernels.float_nodes[:10]) + (" ..." if len(kernels.float_nodes) > 10 else "")
+            print(f"warning: {len(kernels.float_nodes)} Conv/Gemm/MatMul still run in float: {shown}")
+        summary = int8_summary(agreement, kernels, fp32_path.stat().st_size, Path(out).stat().st_size,
+                               exported.meta["quantization"])
+        result = {"out": str(out), "format": "onnx", "precision": "int8", "parity": asdict(parity),
+                  "agreement": asdict(agreement), "kernels": kernels.int8, "float_nodes": kernels.float_nodes,
+                  "meta": exported.meta}
+        if card:
+            from .card import build_card, write_card
+
+            doc = build_card(model, exported, exported.meta, ckpt, parity, bench_seconds,
+                             int8={**summary, "fp32_path": str(fp32_path)})
+            result["card"] = [str(p) for p in write_card(out, doc)]
+    print(f"exported {meta['arch']} (onnx, int8) -> {out}" + (f"  card: {result['card'][0]}" if card else ""))
+    return result
+
+
+def export_to_folder(run_or_ckpt: str, workdir: str | Path, data: str | None = None, int8: bool = False) -> str:
+    """A checkpoint or run folder exported to ONNX (int8 with ``int8``) in ``workdir``,
+    parity-checked, without a card: what ``serve`` and ``predict --int8`` run."""
+    out = str(Path(workdir) / ("model.int8.onnx" if int8 else "model.onnx"))
+    export_checkpoint(run_or_ckpt, "onnx", out, data=data, n_images=16, card=False, int8=int8)
+    return out

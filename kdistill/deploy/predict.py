@@ -1,6 +1,8 @@
 """``kdistill predict``: classify image files with an exported model or a run.
 
-MODEL is an ONNX file, a TorchScript file, a run folder or a .safetensors checkpoint.
+MODEL is an ONNX file (fp32 or int8: any kdistill export runs as it is), a TorchScript
+file, a run folder or a .safetensors checkpoint (run eagerly; with ``--int8``, exported to
+int8 ONNX first, as ``kdistill export --int8`` would, and run by ONNX Runtime).
 Arguments may be image files or folders (searched recursively for image extensions).
 Images are decoded with PIL (:func:`kdistill.deploy.runtime.read_rgb`: the same pixels as
 evaluation's :func:`kdistill.images.read_image`, without its crash on corrupt PNGs),
@@ -20,9 +22,11 @@ could be read, 2 for bad arguments (missing model or path, no images found).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +36,7 @@ import numpy as np
 
 from ..data.sources import scan_images
 from ..errors import UserError
-from .runtime import ImageError, Predictor, Preparer, load_predictor, read_rgb, top_k
+from .runtime import ImageError, Predictor, Preparer, detect_format, load_predictor, read_rgb, top_k
 
 PREFETCH = 2  # batches decoded ahead of the one running
 
@@ -100,13 +104,30 @@ def format_text(result: dict) -> str:
 
 
 def run_predict(model: str, inputs: list[str], k: int = 5, as_json: bool = False, batch_size: int = 32,
-                out: IO[str] | None = None, err: IO[str] | None = None) -> int:
-    """``kdistill predict``; returns the exit status (see the module docstring)."""
+                out: IO[str] | None = None, err: IO[str] | None = None, int8: bool = False,
+                data: str | None = None) -> int:
+    """``kdistill predict``; returns the exit status (see the module docstring). ``int8``: a
+    run folder or checkpoint is exported to int8 ONNX first (in a temporary folder; its
+    parity lines go to stderr) and predicted with."""
     out, err = out or sys.stdout, err or sys.stderr
     if k < 1 or batch_size < 1:
         raise UserError("--top-k and --batch-size must be >= 1")
-    predictor = load_predictor(model)
+    if int8 and detect_format(model) != "checkpoint":
+        raise UserError(f"--int8 exports a run folder or checkpoint; '{model}' is an exported file, "
+                        "which runs as it is (drop --int8)")
     paths = collect_images(inputs)
+    if not int8:
+        return _predict(load_predictor(model), paths, k, as_json, batch_size, out, err)
+    from .export import export_to_folder
+
+    with tempfile.TemporaryDirectory(prefix="kdistill-predict-") as work:
+        with contextlib.redirect_stdout(err):  # stdout holds the predictions alone
+            path = export_to_folder(model, work, data, int8=True)
+        return _predict(load_predictor(path), paths, k, as_json, batch_size, out, err)
+
+
+def _predict(predictor: Predictor, paths: list[str], k: int, as_json: bool, batch_size: int,
+             out: IO[str], err: IO[str]) -> int:
     done = bad = 0
     for result in predict_paths(predictor, paths, batch_size, k):
         if "error" in result:
@@ -118,6 +139,8 @@ def run_predict(model: str, inputs: list[str], k: int = 5, as_json: bool = False
             print(json.dumps(result), file=out)
         elif "top_k" in result:
             print(format_text(result), file=out)
-    print(f"kdistill: classified {done} image(s) with {predictor.meta['arch']} ({predictor.backend})"
+    precision = predictor.meta.get("precision")
+    print(f"kdistill: classified {done} image(s) with {predictor.meta['arch']} ({predictor.backend}"
+          + (f", {precision}" if precision else "") + ")"
           + (f"; skipped {bad} unreadable" if bad else ""), file=err)
     return 0 if done else 1

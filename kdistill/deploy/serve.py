@@ -1,9 +1,10 @@
 """``kdistill serve``: an HTTP server (FastAPI + uvicorn) for an exported student.
 
-MODEL is served with the runtime of its format: an ONNX file with onnxruntime, a
-TorchScript file with torch. A run folder or .safetensors checkpoint is first exported to
-ONNX in a temporary folder (with the same parity check as ``kdistill export``), so what is
-served is exactly what would be shipped.
+MODEL is served with the runtime of its format: an ONNX file (fp32 or int8, as it is) with
+onnxruntime, a TorchScript file with torch. A run folder or .safetensors checkpoint is first
+exported to ONNX in a temporary folder (with the same parity check as ``kdistill export``;
+int8 with ``--int8``, as ``kdistill export --int8``), so what is served is exactly what
+would be shipped.
 
 Endpoints:
 
@@ -236,13 +237,12 @@ def create_app(predictor: Predictor, settings: ServeSettings) -> FastAPI:
 # ------------------------------------------------------------------ running
 
 
-def model_for_serving(model: str, workdir: str, data: str | None = None) -> str:
-    """A checkpoint or run folder exported to ONNX in ``workdir`` (parity-checked)."""
-    from .export import export_checkpoint
+def model_for_serving(model: str, workdir: str, data: str | None = None, int8: bool = False) -> str:
+    """A checkpoint or run folder exported to ONNX (int8 with ``int8``) in ``workdir``
+    (parity-checked)."""
+    from .export import export_to_folder
 
-    out = str(Path(workdir) / "model.onnx")
-    export_checkpoint(model, "onnx", out, data=data, n_images=16, card=False)
-    return out
+    return export_to_folder(model, workdir, data, int8)
 
 
 class _Stop(Exception):
@@ -275,8 +275,9 @@ def check_port(host: str, port: int) -> None:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
           settings: ServeSettings | None = None, data: str | None = None,
-          log_level: str = "info") -> None:
-    """``kdistill serve``: run uvicorn until interrupted."""
+          log_level: str = "info", int8: bool = False) -> None:
+    """``kdistill serve``: run uvicorn until interrupted. ``int8``: a run folder or checkpoint
+    is exported to int8 ONNX first (an .onnx file, fp32 or int8, is served as it is)."""
     import uvicorn
 
     if workers < 1:
@@ -284,17 +285,22 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, workers: int = 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a TCP port (0..65535)")
     settings = settings or ServeSettings()
+    is_checkpoint = detect_format(model) == "checkpoint"
+    if int8 and not is_checkpoint:
+        raise UserError(f"--int8 exports a run folder or checkpoint; '{model}' is an exported file, "
+                        "which is served as it is (drop --int8)")
     check_port(host, port)
-    workdir = tempfile.mkdtemp(prefix="kdistill-serve-") if detect_format(model) == "checkpoint" else None
+    workdir = tempfile.mkdtemp(prefix="kdistill-serve-") if is_checkpoint else None
     on_term = None
     try:
-        settings.model = model_for_serving(model, workdir, data) if workdir else model
+        settings.model = model_for_serving(model, workdir, data, int8) if workdir else model
         if settings.threads is None and workers > 1:
             settings.threads = max(1, (os.cpu_count() or 1) // workers)
         predictor = load_predictor(settings.model, settings.threads)  # fail fast, in one line
         batching = (f"micro-batching up to {settings.max_batch} images / {settings.max_wait_ms:g} ms"
                     if settings.max_batch > 1 else "no micro-batching")
-        print(f"serving {predictor.meta['arch']} ({predictor.backend}, {len(predictor.classes)} classes) "
+        precision = f", {predictor.meta['precision']}" if predictor.meta.get("precision") else ""
+        print(f"serving {predictor.meta['arch']} ({predictor.backend}{precision}, {len(predictor.classes)} classes) "
               f"from {settings.model} on http://{host}:{port}, {workers} worker(s), {batching}", flush=True)
         if threading.current_thread() is threading.main_thread():  # stop cleanly on SIGTERM too
             on_term = signal.signal(signal.SIGTERM, _raise_stop)

@@ -27,7 +27,11 @@ PAGE_FACTS = """() => ({
   images: [...document.images].map(i => ({alt: i.alt, naturalWidth: i.naturalWidth, complete: i.complete})),
   svgs: [...document.querySelectorAll('svg')].filter(s => !s.parentElement.closest('svg')).map(s => {
     const r = s.getBoundingClientRect(); return {width: r.width, height: r.height}; }),
-  table: Object.fromEntries([...document.querySelectorAll('table.compare tbody tr')].map(tr =>
+  exports: Object.fromEntries([...document.querySelectorAll('table.exports tbody tr')].map(tr =>
+    [tr.dataset.export, Object.fromEntries([['n', Number(tr.dataset.n)], ['precision', tr.dataset.precision],
+      ...[...tr.querySelectorAll('td[data-key]')].map(td =>
+        [td.dataset.key, td.dataset.value === undefined ? null : Number(td.dataset.value)])])])),
+  table: Object.fromEntries([...document.querySelectorAll('table.compare:not(.exports) tbody tr')].map(tr =>
     [tr.dataset.run, Object.fromEntries([['n', Number(tr.dataset.n)],
       ...[...tr.querySelectorAll('td[data-key]')].map(td =>
         [td.dataset.key, td.dataset.value === undefined ? null : Number(td.dataset.value)])])])),
@@ -83,7 +87,8 @@ def open_page(html: str | Path, width: int = 1280, height: int = 900, scale: flo
 def inspect(html: str | Path) -> dict:
     """What the browser saw: console errors, page errors, requests other than the file itself
     (data: URIs excluded), each ``<img>``'s natural width, each top-level ``<svg>``'s box,
-    and the comparison table's values by run and column (``data-value``)."""
+    the comparison table's values by run and column (``data-value``) and the exports table's
+    by file (plus ``precision``)."""
     own = Path(html).resolve().as_uri()
     with open_page(html) as (page, events):
         facts = page.evaluate(PAGE_FACTS)

@@ -19,6 +19,10 @@ def add_report_parser(subparsers) -> None:
     r.add_argument("--teacher", metavar="RUN_OR_CKPT",
                    help="the teacher for agreement, KL and the plot marker (default: the one recorded "
                         "in the students' checkpoints)")
+    r.add_argument("--export", action="append", default=[], metavar="FILE",
+                   help="an .onnx file written by `kdistill export` (fp32 or int8) to add as a row: accuracy "
+                        "on this data, agreement with the teacher, ONNX Runtime latency, file size "
+                        "(repeatable)")
     r.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write (default report.html)")
     r.add_argument("--workers", type=workers_flag, default=DataConfig.workers,
                    help="DataLoader worker processes (a count or auto)")
@@ -38,10 +42,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError("report needs --data ROOT (the data to evaluate on)")
     ec = from_args(EvalConfig, args)
     result = build_report(args.runs, args.data, args.out, ec.split, ec.tta, args.teacher, args.device,
-                          ec.batch_size, eval_workers(args.workers, args.device), args.bench_seconds)
+                          ec.batch_size, eval_workers(args.workers, args.device), args.bench_seconds,
+                          args.export)
     for row in result["rows"]:
         print(f"{row['name']:>16s}  {row['role']:7s}  top1 {row['top1']:.4f}  mpa {row['mpa']:.4f}  "
               f"{row['eager_ms_b1']:.3f} ms/img" + (f"  agreement {row['agreement']:.4f}"
                                                     if row["agreement"] is not None else ""))
+    for row in result["exports"]:
+        print(f"{row['name']:>16s}  export   top1 {row['top1']:.4f}  mpa {row['mpa']:.4f}  "
+              f"{row['ort_ms_b1']:.3f} ms/img (onnxruntime, {row['precision']})"
+              + (f"  agreement {row['agreement']:.4f}" if row["agreement"] is not None else ""))
     print(f"report: {result['out']}")
     return 0

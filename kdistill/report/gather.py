@@ -209,3 +209,57 @@ def provenance(run: Run, teacher: Run | None) -> dict:
         "data": ((config or {}).get("data") or {}).get("root"), "command": rerun_command(run, config),
         "config": config,
     }
+
+
+@dataclass
+class Export:
+    """An exported model (``--export FILE``): an ONNX file with kdistill metadata."""
+
+    path: Path
+    meta: dict
+    name: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def precision(self) -> str:
+        return self.meta.get("precision") or "fp32"  # files exported before int8 existed are fp32
+
+    @property
+    def bytes(self) -> int:
+        return self.path.stat().st_size
+
+    def source(self, runs: list[Run]) -> Run | None:
+        """The report's run whose checkpoint this file was exported from, if any."""
+        ckpt = self.meta.get("checkpoint")
+        if not ckpt:
+            return None
+        return next((r for r in runs if str(r.checkpoint.resolve()) == str(Path(ckpt).resolve())), None)
+
+
+def open_export(spec: str, classes: list[str]) -> Export:
+    """An :class:`Export` from an ``.onnx`` file written by ``kdistill export``; a
+    :class:`UserError` for a missing file, another format, no kdistill metadata, or classes
+    other than the runs'."""
+    from ..deploy.runtime import detect_format, read_export_meta
+
+    path = Path(spec)
+    if path.is_dir() or not path.is_file():
+        raise UserError(f"--export '{spec}' is not a file; give an .onnx file written by `kdistill export`")
+    if detect_format(spec) != "onnx":
+        raise UserError(f"--export '{spec}' is not an ONNX file; the report runs exports with ONNX Runtime "
+                        "(export with --format onnx)")
+    meta = read_export_meta(spec)
+    if list(meta["classes"]) != list(classes):
+        raise UserError(f"--export '{spec}' has other classes than the runs ({len(meta['classes'])} classes: "
+                        f"{', '.join(meta['classes'][:4])}{', ...' if len(meta['classes']) > 4 else ''}); "
+                        "report exports of models trained on the same data")
+    return Export(path, meta)
+
+
+def name_exports(exports: list[Export]) -> None:
+    """File names, with parent folders prepended while two collide."""
+    depth = 1
+    while depth < 8 and len({"/".join(e.path.resolve().parts[-depth:]) for e in exports}) < len(exports):
+        depth += 1
+    for e in exports:
+        e.name = "/".join(e.path.resolve().parts[-depth:])

@@ -26,7 +26,7 @@ from ..models.checkpoint import meta_preprocessing
 from ..models.onnx import Normalized, onnx_bytes, onnxruntime_available, ort_session
 from ..models.profile import count_flops, latency_table
 from ..utils import atomic_write, count_params, ensure_writable_dir, first_line
-from .gather import Run
+from .gather import Export, Run
 
 CACHE_FORMAT = 1
 ECE_BINS = 15
@@ -165,3 +165,55 @@ def cost(run: Run, model: nn.Module, seconds: float, with_onnx: bool) -> dict:
     latency = latency_table(eager, pp.image_size, others, LATENCY_BATCHES, seconds, LATENCY_THREADS)
     return {"params": count_params(model), "mflops": count_flops(model, pp.image_size) / 1e6,
             "latency": latency, "threads": LATENCY_THREADS}
+
+
+class OnnxClassifier(nn.Module):
+    """An exported ONNX file as a module for ``evaluate_model``: it takes [0, 1] images (the
+    file normalises inside) and returns its logits, computed by ONNX Runtime on the CPU."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        super().__init__()
+        from ..deploy.runtime import OnnxPredictor
+
+        self.predictor = OnnxPredictor(str(path), threads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.predictor.logits(x.detach().cpu().float().numpy()))
+
+
+def unit_meta(meta: dict) -> dict:
+    """``meta`` with mean 0 / std 1: evaluation then feeds the [0, 1] images an export takes
+    (its own mean/std are inside the graph); resize and crop stay the file's."""
+    return {**meta, "preprocessing": {**meta["preprocessing"], "mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}
+
+
+def score_export(export: Export, source: Source | ShardSplit, split: str, tta: bool, batch_size: int,
+                 workers: int) -> Scores:
+    """An exported file's probabilities on ``source``, from ``kdistill eval``'s pass
+    (:func:`evaluate_model`, on the CPU, ONNX Runtime as the model); not cached."""
+    n, k = len(source), export.meta["num_classes"]
+    probs, valid = torch.zeros(n, k), torch.zeros(n, dtype=torch.bool)
+
+    def collect(batch: dict, p: torch.Tensor) -> None:
+        idx = batch["index"].cpu()
+        probs[idx] = p.float().cpu()
+        valid[idx] = True
+
+    result = evaluate_model(OnnxClassifier(export.path), unit_meta(export.meta), source, torch.device("cpu"),
+                            tta, batch_size, workers, collect, f"the '{split}' split")
+    return Scores(probs, valid, result)
+
+
+def export_latency(export: Export, seconds: float) -> dict[str, float]:
+    """ms per image of the file in ONNX Runtime at each of :data:`LATENCY_BATCHES`, on
+    :data:`LATENCY_THREADS` thread (the model card's timing)."""
+    from ..deploy.runtime import OnnxPredictor
+    from ..models.profile import callable_latency_ms
+
+    size = int(export.meta["preprocessing"]["image_size"])
+    forward = OnnxPredictor(str(export.path), threads=LATENCY_THREADS).logits
+
+    def make(batch: int) -> np.ndarray:
+        return np.random.default_rng(0).random((batch, 3, size, size), dtype=np.float32)
+
+    return {str(b): round(callable_latency_ms(forward, make, b, min_seconds=seconds), 4) for b in LATENCY_BATCHES}
