@@ -13,6 +13,13 @@ the first dot of its last path component (``base_plus_ext``), so every character
 ``/`` stays the separator. The escape is one to one, so two different paths never share a
 key; a path whose stem repeats (``x.jpg`` beside ``x.png``, a list that names a file twice)
 gets ``~1``, ``~2``... in source order (``~`` never occurs otherwise).
+
+Each split's samples are written in a seeded random order (:data:`ORDER_SEED`), so that every
+shard is a random sample of its split. In source order a folder per class gives shards of
+one class each, and a stream that reads a few shards at a time through a bounded shuffle
+buffer then trains on batches of two or three classes: resnet8 on CIFAR-10 reached 0.43
+top-1 after 4 epochs from such shards against 0.70 from the folder (bench/scale.py
+train-acc, 2026-12-03). Keys still name the source files, so the order is recoverable.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from ..errors import UserError
 
 #: bytes a member adds to a tar beyond its data: a 512-byte header, data padded to 512
 TAR_BLOCK = 512
+ORDER_SEED = 0  # the samples' order in the shards (module docstring); part of the plan's fingerprint
 SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -98,6 +106,19 @@ class SplitPlan:
     @property
     def num_shards(self) -> int:
         return max(0, len(self.bounds) - 1)
+
+    def shuffle(self, seed: int) -> None:
+        """Put the samples in a random order drawn from ``seed`` (before shard bounds are set)."""
+        order = np.random.default_rng(seed).permutation(len(self.keys))
+        self.keys = [self.keys[i] for i in order]
+        if self.labels is not None:
+            self.labels = [int(self.labels[i]) for i in order]
+        if self.paths is not None:
+            self.paths = [self.paths[i] for i in order]
+        if self.pixels is not None:
+            self.pixels = self.pixels[order]
+        self.sizes = array("q", (self.sizes[i] for i in order))
+        self.fingerprint = hashlib.sha256(f"{self.fingerprint}\0order {seed}".encode()).hexdigest()
 
     def items(self, shard: int) -> list[tuple]:
         """``(path or None, pixels or None, key, label or None)`` per sample of ``shard``."""
@@ -271,6 +292,7 @@ def make_plan(spec: str, shard_size: int, max_shard_bytes: int, pool: bool = Fal
             splits.append(_pool_split(extra))
     h = hashlib.sha256(f"{kind}\0{os.path.abspath(spec) if p.exists() else spec}\n".encode())
     for s in splits:
+        s.shuffle(ORDER_SEED)
         s.bounds = _shard_bounds(s, shard_size, max_shard_bytes)
         h.update(f"{s.name}\0{s.fingerprint}\n".encode())
     return Plan(spec, kind, splits, classes, shard_size, max_shard_bytes, h.hexdigest())
