@@ -181,3 +181,25 @@ def test_qat_bad_input(tiny_root, trained_run, tmp_path):
                 "--out", str(tmp_path / "b"))
     assert r.returncode == 2 and "logit losses" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_int8_export_of_a_qat_run_uses_its_ranges_without_calibrating(qat_run, tiny_root, tmp_path, monkeypatch):
+    import onnx
+
+    import kdistill.deploy.export as export_mod
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a QAT checkpoint is not calibrated")
+
+    monkeypatch.setattr(export_mod, "calibration_inputs", no_calibration)
+    out = tmp_path / "qad.int8.onnx"
+    res = export_mod.export_checkpoint(str(qat_run), "onnx", str(out), data=str(tiny_root), int8=True,
+                                       card=False)
+    ag = res["agreement"]
+    assert ag["min_agreement"] == 0.99 and ag["top1_agreement"] >= 0.99
+    assert res["float_nodes"] == [] and res["kernels"]["QLinearConv"] == 9
+    meta = json.loads(next(p.value for p in onnx.load(str(out)).metadata_props if p.key == "kdistill"))
+    assert meta["precision"] == "int8" and meta["quantization"]["method"] == "qat"
+    # the fp32 beside it is the same folded graph without quantization: it agrees with the int8 model
+    # roughly, and exactly with the float copy in torch (the fp32 parity the export printed)
+    assert res["parity"]["max_abs_diff"] <= 1e-4

@@ -185,11 +185,14 @@ def int8_lines(int8: dict, latency: dict) -> list[str]:
              f"({int8['int8_bytes'] / max(1, int8['fp32_bytes']):.2f}x) |",
              *[f"| ms/image, batch {b} ({LATENCY_THREADS} thread) | {ms(fp32_ms, b)} | {ms(int8_ms, b)} |"
                for b in map(str, LATENCY_BATCHES)]]
+    qat = q.get("method") == "qat"  # the reference is the fake-quantized student, not a float one
+    reference = "fake-quantized student, torch eager" if qat else "torch eager"
     if a.get("reference_top1") is not None:
-        lines.append(f"| top-1 on {a['n_labeled']} {a['source']} | {_pct(a['reference_top1'])} (torch eager) "
+        lines.append(f"| top-1 on {a['n_labeled']} {a['source']} | {_pct(a['reference_top1'])} ({reference}) "
                      f"| {_pct(a['int8_top1'])} |")
     kernels = ", ".join(f"{op} x{n}" for op, n in sorted(int8["kernels"].items())) or "none"
-    lines += ["", f"- Top-1 agreement with the fp32 student: {_pct(a['top1_agreement'])} of {a['n']} "
+    lines += ["", f"- Top-1 agreement with the {'fake-quantized' if qat else 'fp32'} student: "
+                  f"{_pct(a['top1_agreement'])} of {a['n']} "
                   f"{a['source']} (the export fails below {_pct(a['min_agreement'])}); max |Δprob| "
                   f"{a['max_abs_diff']:.2e}",
               f"- ONNX Runtime ({int8['optimization_level']}, CPU) runs int8 kernels: {kernels}"]
@@ -198,8 +201,14 @@ def int8_lines(int8: dict, latency: dict) -> list[str]:
                  else "- No Conv/Gemm/MatMul left in float.")
     ranges = (f", {q.get('calibration')} ranges from {q['calibration_images']} training images"
               if q.get("calibration_images") else "")
-    lines.append(f"- Quantized by {q.get('method')} ({q.get('format')}): activations {q.get('activations')}, "
-                 f"weights {q.get('weights')}{ranges}; onnxruntime {q.get('onnxruntime')}")
+    if qat:
+        lines.append(f"- Quantization-aware training ({q.get('flow')}): activations {q.get('activations')}, "
+                     f"weights {q.get('weights')}, bias {q.get('bias')}, BatchNorm {q.get('batchnorm')}; "
+                     "ranges learned in training, not calibrated. The fp32 ONNX beside it is the same "
+                     "graph with the fake quantization off.")
+    else:
+        lines.append(f"- Quantized by {q.get('method')} ({q.get('format')}): activations {q.get('activations')}, "
+                     f"weights {q.get('weights')}{ranges}; onnxruntime {q.get('onnxruntime')}")
     return lines
 
 

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from . import DEFAULT_OPSET, DEFAULT_TOLERANCE, FORMATS
+from ..models.quant import QAT_MIN_AGREEMENT
 from .int8 import DEFAULT_CALIB_IMAGES, DEFAULT_MIN_AGREEMENT, INT8_PARITY_IMAGES, MIN_CALIB_IMAGES
 
 
@@ -29,17 +30,19 @@ def add_deploy_parsers(subparsers) -> None:
                    help=f"val images in the parity check (default 64; with --int8 at least {INT8_PARITY_IMAGES}, "
                         "as many as the split has)")
     e.add_argument("--int8", action="store_true",
-                   help="post-training int8 (ONNX only): ONNX Runtime's static QDQ quantization, uint8 "
-                        "activations, int8 per-channel weights, calibrated on training images; checked for "
-                        "int8 kernels and for agreement with the fp32 student")
+                   help="int8 (ONNX only). A float run: post-training, ONNX Runtime's static QDQ "
+                        "quantization, uint8 activations, int8 per-channel weights, calibrated on training "
+                        "images. A --qat run: its own fake quantization, no calibration. Checked for int8 "
+                        "kernels and for agreement with the fp32 (or fake-quantized) student")
     e.add_argument("--calib-images", type=int, default=DEFAULT_CALIB_IMAGES, metavar="N",
                    help=f"--int8: training images to calibrate on (default {DEFAULT_CALIB_IMAGES}, "
                         f"at least {MIN_CALIB_IMAGES}; from the run's data or --data)")
-    e.add_argument("--min-agreement", type=float, default=DEFAULT_MIN_AGREEMENT, metavar="A",
-                   help=f"--int8: fail (exit 1, nothing written) when int8 and fp32 agree on the top-1 of "
-                        f"fewer than this fraction of val images (default {DEFAULT_MIN_AGREEMENT:g}: "
-                        "PTQ of the zoo's CIFAR resnet20/mobilenetv2 agrees on 0.98-0.99, a broken "
-                        "quantization far less; see README)")
+    e.add_argument("--min-agreement", type=float, default=None, metavar="A",
+                   help=f"--int8: fail (exit 1, nothing written) when int8 and its reference agree on the "
+                        f"top-1 of fewer than this fraction of val images (default {DEFAULT_MIN_AGREEMENT:g} "
+                        "against the fp32 student: PTQ of the zoo's CIFAR resnet20/mobilenetv2 agrees on "
+                        f"0.98-0.99, a broken quantization far less; see README; {QAT_MIN_AGREEMENT:g} for a "
+                        "--qat run against its fake-quantized self, which computes the same int8 arithmetic)")
     e.add_argument("--no-card", action="store_true", help="skip the model card (and its latency measurements)")
     e.add_argument("--bench-seconds", type=float, default=0.5, metavar="S",
                    help="time spent per latency measurement of the card")

@@ -178,7 +178,7 @@ def export_checkpoint(run_or_ckpt: str, fmt: str, out: str, image_size: int | No
                       opset: int = DEFAULT_OPSET, data: str | None = None,
                       tolerance: float = DEFAULT_TOLERANCE, n_images: int = 64, card: bool = True,
                       bench_seconds: float = 0.5, int8: bool = False, calib_images: int = DEFAULT_CALIB_IMAGES,
-                      min_agreement: float = DEFAULT_MIN_AGREEMENT) -> dict:
+                      min_agreement: float | None = None) -> dict:
     """``kdistill export``: the run's student to ``out`` (+ model card), printing the parity."""
     from ..models.checkpoint import load_model, meta_preprocessing, resolve_checkpoint
 
@@ -189,7 +189,7 @@ def export_checkpoint(run_or_ckpt: str, fmt: str, out: str, image_size: int | No
     if int8 and calib_images < MIN_CALIB_IMAGES:
         raise UserError(f"--calib-images {calib_images} is too few to calibrate int8 ranges; "
                         f"use at least {MIN_CALIB_IMAGES} (default {DEFAULT_CALIB_IMAGES})")
-    if not 0 <= min_agreement:
+    if min_agreement is not None and not 0 <= min_agreement:
         raise UserError("--min-agreement must be >= 0 (a fraction of images, e.g. 0.95)")
     if image_size is not None and image_size < 8:
         raise UserError("--image-size must be at least 8")
@@ -227,8 +227,15 @@ def export_int8(model: nn.Module, meta: dict, pp: Preprocessing, ckpt: Path, out
     and its agreement with the reference; ``out`` only when the agreement passes."""
     import tempfile
 
+    from ..models.quant import QAT_MIN_AGREEMENT, QATModel
     from .int8 import check_agreement, int8_kernels, int8_onnx, int8_summary, reference_logits
 
+    # a quantization-aware student: its int8 model is its own graph (no calibration), compared
+    # with its fake-quantized self; its fp32 file is the same graph with quantization off
+    qat = isinstance(model, QATModel)
+    float_model = model.float_model() if qat else model
+    if min_agreement is None:
+        min_agreement = QAT_MIN_AGREEMENT if qat else DEFAULT_MIN_AGREEMENT
     emeta = export_meta(meta, pp, "onnx", str(ckpt.resolve()), precision="fp32")
     inputs = parity_inputs(pp, meta["classes"], ckpt, data, max(INT8_PARITY_IMAGES, n_images), required=True)
     def calib() -> np.ndarray:  # only when int8_onnx calibrates
@@ -237,9 +244,9 @@ def export_int8(model: nn.Module, meta: dict, pp: Preprocessing, ckpt: Path, out
     reference = reference_logits(model, pp)
     with tempfile.TemporaryDirectory(prefix="kdistill-int8-") as work:
         fp32_path = Path(work) / "fp32.onnx"
-        write_onnx(Normalized(model.cpu().eval().float(), pp).eval(), emeta, fp32_path, opset)
+        write_onnx(Normalized(float_model.cpu().eval().float(), pp).eval(), emeta, fp32_path, opset)
         fp32 = OnnxPredictor(str(fp32_path))
-        parity = check_parity(reference, fp32.logits, inputs.x[:n_images], inputs.source, tolerance)
+        parity = check_parity(reference_logits(float_model, pp) if qat else reference, fp32.logits, inputs.x[:n_images], inputs.source, tolerance)
         print(parity.line("onnxruntime fp32"))
         if not parity.ok:
             raise ParityError(parity.line("onnxruntime fp32") + f"; {out} not written "
@@ -250,11 +257,13 @@ def export_int8(model: nn.Module, meta: dict, pp: Preprocessing, ckpt: Path, out
             exported = OnnxPredictor(str(tmp))
             agreement = check_agreement(reference, exported.logits, inputs.x, inputs.labels, inputs.source,
                                         min_agreement)
+            what = "fake-quantized torch eager" if qat else "fp32 torch eager"
             if not agreement.ok:
-                raise ParityError(agreement.line() + f"; {out} not written (lower --min-agreement to "
-                                  "accept it, or calibrate on more images: --calib-images)")
+                raise ParityError(agreement.line(what) + f"; {out} not written (lower --min-agreement to "
+                                  "accept it" + ("" if qat else ", or calibrate on more images: --calib-images")
+                                  + ")")
         exported.path = str(out)
-        print(agreement.line())
+        print(agreement.line(what))
         print(f"onnxruntime {kernels.level}: {kernels.summary()}")
         if kernels.float_nodes:
             shown = ", ".join(kernels.float_nodes[:10]) + (" ..." if len(kernels.float_nodes) > 10 else "")

@@ -74,7 +74,20 @@ def int8_onnx(model: nn.Module, meta: dict, pp: Preprocessing, fp32_path: Path,
     ``fp32_path`` is the student's fp32 export (with ``meta``); ``calib()`` gives the
     calibration images (float32 [0, 1] NCHW), called only when the model is calibrated.
     This is the one place that decides how an int8 file is made; everything after it
-    (kernel check, agreement, card) reads the file only."""
+    (kernel check, agreement, card) reads the file only. A quantization-aware model
+    (``models/quant.py: QATModel``) is not calibrated: its own graph, with the ranges it
+    learned, is exported (:func:`~kdistill.models.quant.qat_onnx_bytes`)."""
+    from ..models.quant import QAT_OPSET, QAT_SPEC, QATModel, qat_onnx_bytes
+
+    if isinstance(model, QATModel):
+        raw = qat_onnx_bytes(Normalized(model.cpu().eval(), pp).eval(), pp.image_size, meta["arch"])
+        Path(out_path).write_bytes(raw)
+        full = {**meta, "precision": "int8", "opset": QAT_OPSET,
+                "quantization": {"method": "qat", "format": QUANT_FORMAT, **QAT_SPEC,
+                                 "calibration": "none: the ranges learned in training"}}
+        set_metadata(out_path, full, f"kdistill student {meta['arch']} (int8, QAT, {QUANT_FORMAT}): input "
+                                     "[0,1] NCHW float32, output logits")
+        return full
     images = calib()
     settings = quantization_settings(len(images))
     with tempfile.TemporaryDirectory(prefix="kdistill-ptq-") as work:

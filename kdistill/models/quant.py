@@ -44,6 +44,9 @@ from ..utils import first_line
 QAT_SPEC = {"flow": "fx fake-quant (ONNX Runtime QDQ placement)", "activations": "uint8 asymmetric per tensor",
             "weights": "int8 symmetric per output channel", "bias": "int32", "batchnorm": "folded"}
 QAT_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
+#: the int8 export of a QAT model must agree with the fake-quantized model on this fraction
+#: of top-1s: both compute the same int8 arithmetic, only requantization rounding differs
+QAT_MIN_AGREEMENT = 0.99
 _EPS = 2.0 ** -24
 
 
@@ -72,7 +75,7 @@ class ActQuant(nn.Module):
         super().__init__()
         if kind not in ("any", "relu", "relu6"):
             raise ValueError(kind)
-        self.kind, self.momentum, self.observing = kind, momentum, True
+        self.kind, self.momentum, self.observing, self.enabled = kind, momentum, True, True
         self.register_buffer("min_val", torch.zeros(()))
         self.register_buffer("max_val", torch.zeros(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.int64))
@@ -96,6 +99,8 @@ class ActQuant(nn.Module):
         self.zero_point.copy_(zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if self.training and self.observing:
             self.observe(x)
         x = x if x.dtype == torch.float32 else x.float()  # (no Cast in the exported graph)
@@ -125,7 +130,10 @@ def fake_bias(b: torch.Tensor | None, in_scale: torch.Tensor, w: torch.Tensor) -
 
 class QuantConv2d(nn.Conv2d):
     """A Conv2d whose weight and bias are fake-quantized as ``QLinearConv`` runs them; its
-    input (already quantized by an :class:`ActQuant`) comes with that quantizer's scale."""
+    input (already quantized by an :class:`ActQuant`) comes with that quantizer's scale.
+    ``enabled = False``: plain float (:meth:`QATModel.float_model`)."""
+
+    enabled = True
 
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         w, b = _quantized_params(self, in_scale)
@@ -135,6 +143,8 @@ class QuantConv2d(nn.Conv2d):
 class QuantLinear(nn.Linear):
     """A Linear fake-quantized as ``QGemm`` runs it (see :class:`QuantConv2d`)."""
 
+    enabled = True
+
     def forward(self, x: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return F.linear(x, *_quantized_params(self, in_scale))
 
@@ -143,6 +153,8 @@ def _quantized_params(layer: nn.Module, in_scale: torch.Tensor) -> tuple[torch.T
     """The fake-quantized weight and bias of a Quant* layer. While it is exported, the
     weight's scale and the bias are constants of the graph (``layer.export_constants``,
     set by :func:`qat_onnx_bytes`), so that the exported weight becomes an int8 initializer."""
+    if not getattr(layer, "enabled", True):
+        return layer.weight, layer.bias
     frozen = getattr(layer, "export_constants", None)
     if frozen is None:
         return fake_weight(layer.weight), fake_bias(layer.bias, in_scale, layer.weight)
@@ -337,6 +349,15 @@ class QATModel(nn.Module):
         """Stop (or restart) the activation ranges' moving averages."""
         for q in self.quantizers():
             q.observing = not frozen
+
+    def float_model(self) -> QATModel:
+        """A copy that computes in float: the same graph and (folded) weights, every fake
+        quantization off: the fp32 model an int8 export is compared with in its card."""
+        copy_ = copy.deepcopy(self).eval()
+        for m in copy_.modules():
+            if isinstance(m, (ActQuant, QuantConv2d, QuantLinear)):
+                m.enabled = False
+        return copy_
 
     def float_leftovers(self) -> list[str]:
         """Conv/Linear modules left in float (none after :func:`prepare_qat`)."""
