@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (CIFAR, LONG_CACHE, ensure_run, fmt_mean_std, machine, run_record,  # noqa: E402
+from common import (CIFAR, LONG_CACHE, ensure_run, machine, run_record,  # noqa: E402
                     run_stages, save_result, today, update_section)
 
 LATENCY_MODELS = [("resnet20", 32), ("timm:resnet18", 224), ("timm:mobilenetv3_large_100", 224)]
@@ -226,6 +226,12 @@ def pts(x: float | None) -> str:
     return "pending" if x is None else f"{100 * x:+.2f}"
 
 
+def pts_spread(xs: list[float]) -> str:
+    """Mean ± sample standard deviation of differences, in points."""
+    m = statistics.mean(xs)
+    return f"{100 * m:+.2f}" + (f" ± {100 * statistics.stdev(xs):.2f}" if len(xs) > 1 else "") + " points"
+
+
 def report(bench: Bench) -> tuple[str, dict]:
     d = bench.results()
     lines = ["## int8 students (`bench/int8.py`)", ""]
@@ -279,9 +285,9 @@ def report(bench: Bench) -> tuple[str, dict]:
         d2 = [v["qad"] - v["qat"] for v in r20]
         m1, m2 = statistics.mean(d1), statistics.mean(d2)
         s2 = statistics.stdev(d2) if len(d2) > 1 else None
-        lines += ["", f"- resnet20 ({len(r20)} seeds) QAD − fp32: {fmt_mean_std([100 * x for x in d1])} points "
+        lines += ["", f"- resnet20 ({len(r20)} seeds) QAD − fp32: {pts_spread(d1)} "
                       f"(target >= −0.5) -> {'met' if m1 >= -0.005 else 'MISSED'}",
-                  f"- resnet20 QAD − QAT (labels only): {fmt_mean_std([100 * x for x in d2])} points (target > 0 beyond "
+                  f"- resnet20 QAD − QAT (labels only): {pts_spread(d2)} (target > 0 beyond "
                   f"its spread) -> " + ("pending (one seed)" if s2 is None else
                                         ('met' if m2 - s2 > 0 else 'MISSED'))]
         out["differences"] = {"qad_minus_fp32": d1, "qad_minus_qat": d2}
@@ -306,8 +312,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny data and schedules in a throw-away cache")
     ap.add_argument("--train-images", type=int, default=5000)
     ap.add_argument("--val-images", type=int, default=None, help="default: all (5,000)")
-    ap.add_argument("--teacher-epochs", type=int, default=30)
-    ap.add_argument("--kd-epochs", type=int, default=20)
+    ap.add_argument("--teacher-epochs", type=int, default=20)
+    ap.add_argument("--kd-epochs", type=int, default=15)
     ap.add_argument("--epochs", type=int, default=5, help="E: epochs of each arm after the float checkpoint")
     ap.add_argument("--lr", type=float, default=0.01, help="the arms' learning rate (cosine from here)")
     ap.add_argument("--batch-size", type=int, default=128)
