@@ -34,7 +34,7 @@ from torch import nn
 
 from ..data.transforms import Preprocessing
 from ..errors import KdistillError, UserError
-from ..models.onnx import INPUT_NAME, Normalized, import_onnxruntime
+from ..models.onnx import INPUT_NAME, Normalized, import_onnxruntime, import_ort_quantization
 from ..utils import first_line
 from .runtime import META_KEY, softmax, torch_logits
 
@@ -92,14 +92,12 @@ def int8_onnx(model: nn.Module, meta: dict, pp: Preprocessing, fp32_path: Path,
     settings = quantization_settings(len(images))
     with tempfile.TemporaryDirectory(prefix="kdistill-ptq-") as work:
         pre = Path(work) / "pre.onnx"
+        q = import_ort_quantization()
+        QuantFormat, QuantType = q.QuantFormat, q.QuantType  # noqa: N806
         with _quiet(), _as_user_error(fp32_path, meta["arch"], "pre-processing"):
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
+            q.shape_inference.quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=False)
         with _quiet(), _as_user_error(fp32_path, meta["arch"], "static quantization"):
-            from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-            quantize_static(str(pre), str(out_path), Calibration(images), quant_format=QuantFormat.QDQ,
+            q.quantize_static(str(pre), str(out_path), Calibration(images), quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                             extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
             # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMax drops (does not merge)

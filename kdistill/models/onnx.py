@@ -83,6 +83,16 @@ def import_onnxruntime():
     return ort
 
 
+def import_ort_quantization():
+    """``onnxruntime.quantization`` (ONNX Runtime's quantization tools), imported after
+    :func:`import_onnxruntime` has switched telemetry off."""
+    import_onnxruntime()
+    import onnxruntime.quantization as quantization
+    import onnxruntime.quantization.shape_inference  # noqa: F401 - quant_pre_process
+
+    return quantization
+
+
 def ort_session(model: str | bytes, threads: int | None = None, spinning: bool = True):
     """An ONNX Runtime CPU session on a file path or serialized model. ``threads``: intra-op
     threads (None: ORT's default, one per core); ``spinning=False`` makes its idle threads
