@@ -40,8 +40,8 @@ def add_deploy_parsers(subparsers) -> None:
     e.add_argument("--min-agreement", type=float, default=None, metavar="A",
                    help=f"--int8: fail (exit 1, nothing written) when int8 and its reference agree on the "
                         f"top-1 of fewer than this fraction of val images (default {DEFAULT_MIN_AGREEMENT:g} "
-                        "against the fp32 student: PTQ of the zoo's CIFAR resnet20/mobilenetv2 agrees on "
-                        f"0.98-0.99, a broken quantization far less; see README; {QAT_MIN_AGREEMENT:g} for a "
+                        "against the fp32 student: PTQ keeps most top-1s, a broken quantization far fewer; "
+                        f"see README; {QAT_MIN_AGREEMENT:g} for a "
                         "--qat run against its fake-quantized self, which computes the same int8 arithmetic)")
     e.add_argument("--no-card", action="store_true", help="skip the model card (and its latency measurements)")
     e.add_argument("--bench-seconds", type=float, default=0.5, metavar="S",

@@ -69,13 +69,13 @@ class ActQuant(nn.Module):
     """uint8 per-tensor fake quantization (= ONNX QuantizeLinear + DequantizeLinear).
 
     While training it observes the moving average (``momentum``) of each batch's min/max, the
-    first batch setting it; in eval, or after :meth:`freeze`, its scale stays."""
+    first batch setting it; in eval its scale stays."""
 
     def __init__(self, kind: str = "any", momentum: float = 0.01) -> None:
         super().__init__()
         if kind not in ("any", "relu", "relu6"):
             raise ValueError(kind)
-        self.kind, self.momentum, self.observing, self.enabled = kind, momentum, True, True
+        self.kind, self.momentum, self.enabled = kind, momentum, True
         self.register_buffer("min_val", torch.zeros(()))
         self.register_buffer("max_val", torch.zeros(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.int64))
@@ -101,7 +101,7 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.training and self.observing:
+        if self.training:
             self.observe(x)
         x = x if x.dtype == torch.float32 else x.float()  # (no Cast in the exported graph)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
@@ -344,11 +344,6 @@ class QATModel(nn.Module):
 
     def quantizers(self) -> list[ActQuant]:
         return [m for m in self.modules() if isinstance(m, ActQuant)]
-
-    def freeze_ranges(self, frozen: bool = True) -> None:
-        """Stop (or restart) the activation ranges' moving averages."""
-        for q in self.quantizers():
-            q.observing = not frozen
 
     def float_model(self) -> QATModel:
         """A copy that computes in float: the same graph and (folded) weights, every fake
