@@ -92,6 +92,10 @@ def load_model(run_or_ckpt: str, device: torch.device | str = "cpu") -> tuple[nn
 
     path = resolve_checkpoint(run_or_ckpt)
     meta = read_meta(path)
+    if meta.get("qat"):
+        from .quant import check_qat_spec
+
+        check_qat_spec(meta, str(path))
     model = create_model(meta["arch"], meta["num_classes"], drop_rate=meta.get("drop_rate", 0.0),
                          qat=bool(meta.get("qat")))
     load_weights_into(model, str(path))

@@ -10,11 +10,16 @@ traced graph, and the export is the same graph.
 
 :func:`prepare_qat` traces the model with ``torch.fx`` and rewrites it:
 
-* BatchNorm after a convolution is folded into it (its running statistics, frozen from then
-  on: the usual practice when QAT continues a converged float model);
-* every Conv2d / Linear becomes :class:`QuantConv2d` / :class:`QuantLinear`: weights fake-
-  quantized int8 symmetric per output channel (scale ``max|w| / 127``), the bias int32 at
-  the scale ``s_in * s_w`` (what ``QLinearConv`` adds);
+* a convolution followed by BatchNorm becomes one :class:`QuantConvBn2d`, which keeps the
+  BatchNorm training: its weight is fake-quantized as folded with the running statistics
+  (what the export runs), its output rescaled and normalised with the batch statistics
+  (the "simulated fold" of Jacob et al. 2018 and of PyTorch's ConvBn QAT modules). With the
+  statistics folded and frozen instead, gradients are no longer normalised and training at
+  the float run's learning rate diverges; in eval it computes the folded, quantized
+  convolution, and the export folds it for good;
+* every other Conv2d / Linear becomes :class:`QuantConv2d` / :class:`QuantLinear`: weights
+  fake-quantized int8 symmetric per output channel (scale ``max|w| / 127``), the bias int32
+  at the scale ``s_in * s_w`` (what ``QLinearConv`` adds);
 * every tensor a Conv/Linear/Add reads, and every Conv/Add output, gets one
   :class:`ActQuant` (uint8 asymmetric per tensor, ranges from a moving average of batch
   min/max while training, frozen in eval). A ReLU / ReLU6 that is a Conv's or Add's only
@@ -23,7 +28,7 @@ traced graph, and the export is the same graph.
 * everything else (pooling, flatten, hard-swish, concat, ...) runs in float between a
   DequantizeLinear and a QuantizeLinear.
 
-The checkpoint of such a model holds the folded float weights and every quantizer's state
+The checkpoint of such a model holds the float weights, BatchNorm and every quantizer's state
 (``min_val``, ``max_val``, ``scale``, ``zero_point``); :func:`qat_onnx_bytes` exports them
 as QDQ ONNX without recalibrating.
 """
@@ -42,7 +47,8 @@ from ..utils import first_line
 
 #: what a QAT checkpoint records under its ``qat`` metadata key
 QAT_SPEC = {"flow": "fx fake-quant (ONNX Runtime QDQ placement)", "activations": "uint8 asymmetric per tensor",
-            "weights": "int8 symmetric per output channel", "bias": "int32", "batchnorm": "folded"}
+            "weights": "int8 symmetric per output channel", "bias": "int32",
+            "batchnorm": "trained with batch statistics, folded at export"}
 QAT_OPSET = 13  # per-channel QuantizeLinear/DequantizeLinear
 #: the int8 export of a QAT model must agree with the fake-quantized model on this fraction
 #: of top-1s: both compute the same int8 arithmetic, only requantization rounding differs
@@ -99,8 +105,8 @@ class ActQuant(nn.Module):
         self.zero_point.copy_(zp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
+        if not self.enabled:  # float, but still the ReLU / ReLU6 this quantizer's range replaced
+            return x if self.kind == "any" else x.clamp(0, 6.0 if self.kind == "relu6" else None)
         if self.training:
             self.observe(x)
         x = x if x.dtype == torch.float32 else x.float()  # (no Cast in the exported graph)
@@ -140,6 +146,67 @@ class QuantConv2d(nn.Conv2d):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
 
+class QuantConvBn2d(QuantConv2d):
+    """Conv2d + BatchNorm2d trained as one quantized convolution (see the module docstring).
+
+    Training: ``y = bn(conv(x, fq(w * f)) / f + b)`` with ``f = gamma / sqrt(running_var +
+    eps)``: the weight is quantized exactly as the folded export's, while ``bn`` normalises
+    with the batch statistics (and updates its running ones). Eval: the folded convolution
+    ``conv(x, fq(w * f), fq_int32(beta + (b - running_mean) * f))``, which is what
+    :meth:`folded_conv` gives the export."""
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(conv.weight.float())
+            if conv.bias is not None:
+                self.bias.copy_(conv.bias.float())
+        self.bn = copy.deepcopy(bn).float()
+
+    def _factor(self) -> torch.Tensor:
+        bn = self.bn
+        gamma = bn.weight if bn.affine else torch.ones_like(bn.running_var)
+        return gamma / torch.sqrt(bn.running_var + bn.eps)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight and bias with the BatchNorm's running statistics folded in."""
+        bn, f = self.bn, self._factor()
+        beta = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        b = self.bias if self.bias is not None else torch.zeros_like(bn.running_mean)
+        return self.weight * f.reshape(-1, 1, 1, 1), beta + (b - bn.running_mean) * f
+
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        conv = lambda w, b: F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)  # noqa: E731
+        if self.training:
+            f = self._factor().reshape(-1, 1, 1, 1)
+            w = self.weight * f
+            y = conv(fake_weight(w) if self.enabled else w, None) / f.reshape(1, -1, 1, 1)
+            return self.bn(y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1))
+        w, b = self.folded()
+        return conv(w, b) if not self.enabled else conv(fake_weight(w), fake_bias(b, in_scale, w))
+
+    def folded_conv(self) -> QuantConv2d:
+        """The plain :class:`QuantConv2d` this layer computes in eval (what is exported)."""
+        q = QuantConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                        self.dilation, self.groups, bias=True)
+        w, b = self.folded()
+        with torch.no_grad():
+            q.weight.copy_(w)
+            q.bias.copy_(b)
+        q.enabled = self.enabled
+        return q.train(self.training)
+
+
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every :class:`QuantConvBn2d` replaced, in place, by its folded
+    convolution; returns ``module``."""
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, QuantConvBn2d):
+            _set_module(module, name, layer.folded_conv())
+    return module
+
+
 class QuantLinear(nn.Linear):
     """A Linear fake-quantized as ``QGemm`` runs it (see :class:`QuantConv2d`)."""
 
@@ -166,20 +233,14 @@ def _quantized_params(layer: nn.Module, in_scale: torch.Tensor) -> tuple[torch.T
 # ------------------------------------------------------------------ the rewrite
 
 
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> QuantConv2d:
+def _quant_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> QuantConv2d:
+    if bn is not None:
+        return QuantConvBn2d(conv, bn)
     q = QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, bias=True)
-    w, b = conv.weight.detach().float(), (conv.bias.detach().float() if conv.bias is not None
-                                          else torch.zeros(conv.out_channels))
-    if bn is not None:
-        gamma = bn.weight.detach().float() if bn.affine else torch.ones(conv.out_channels)
-        beta = bn.bias.detach().float() if bn.affine else torch.zeros(conv.out_channels)
-        inv = gamma / torch.sqrt(bn.running_var.float() + bn.eps)
-        w = w * inv.view(-1, 1, 1, 1)
-        b = (b - bn.running_mean.float()) * inv + beta
     with torch.no_grad():
-        q.weight.copy_(w)
-        q.bias.copy_(b)
+        q.weight.copy_(conv.weight.float())
+        q.bias.copy_(conv.bias.float() if conv.bias is not None else torch.zeros(conv.out_channels))
     return q
 
 
@@ -300,13 +361,13 @@ def prepare_qat(model: nn.Module, arch: str | None = None) -> QATModel:
         if isinstance(_module(gm, node), nn.Identity):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
-    for node in list(gm.graph.nodes):  # conv (+ bn) -> QuantConv2d, linear -> QuantLinear
+    for node in list(gm.graph.nodes):  # conv (+ bn) -> QuantConv(Bn)2d, linear -> QuantLinear
         mod = _module(gm, node)
         if type(mod) is nn.Conv2d:
             users = list(node.users)
             bn = _module(gm, users[0]) if len(users) == 1 else None
             bn = bn if isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats else None
-            _set_module(gm, node.target, _fold_bn(mod, bn))
+            _set_module(gm, node.target, _quant_conv(mod, bn))
             if bn is not None:
                 users[0].replace_all_uses_with(node)
                 gm.graph.erase_node(users[0])
@@ -324,9 +385,9 @@ def prepare_qat(model: nn.Module, arch: str | None = None) -> QATModel:
     return out.train(was_training)
 
 
-def _set_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+def _set_module(root: nn.Module, target: str, new: nn.Module) -> None:
     parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, new)
+    setattr(root.get_submodule(parent) if parent else root, name, new)
 
 
 class QATModel(nn.Module):
@@ -346,9 +407,9 @@ class QATModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, ActQuant)]
 
     def float_model(self) -> QATModel:
-        """A copy that computes in float: the same graph and (folded) weights, every fake
+        """A copy that computes in float: the same graph and folded weights, every fake
         quantization off: the fp32 model an int8 export is compared with in its card."""
-        copy_ = copy.deepcopy(self).eval()
+        copy_ = fold_batchnorm(copy.deepcopy(self).eval())
         for m in copy_.modules():
             if isinstance(m, (ActQuant, QuantConv2d, QuantLinear)):
                 m.enabled = False
@@ -363,6 +424,16 @@ def is_qat(meta: dict[str, Any]) -> bool:
     return bool(meta.get("qat"))
 
 
+def check_qat_spec(meta: dict[str, Any], path: str) -> None:
+    """A QAT checkpoint made by another version of this flow (kdistill before 2026-12-04
+    folded and froze BatchNorm) does not fit today's rewrite: say so instead of a key error."""
+    got = meta["qat"].get("batchnorm")
+    if got != QAT_SPEC["batchnorm"]:
+        raise UserError(f"'{path}' holds a quantization-aware student made with BatchNorm '{got}', which this "
+                        f"kdistill no longer builds (BatchNorm '{QAT_SPEC['batchnorm']}'); train it again "
+                        "with --qat from its float run")
+
+
 # ------------------------------------------------------------------ export
 
 
@@ -375,7 +446,7 @@ def qat_onnx_bytes(module: nn.Module, size: int, what: str) -> bytes:
 
     from .onnx import onnx_bytes
 
-    module = copy.deepcopy(module).eval()
+    module = fold_batchnorm(copy.deepcopy(module).eval())
     with torch.no_grad():
         for layer in module.modules():
             if isinstance(layer, (QuantConv2d, QuantLinear)):
