@@ -53,7 +53,8 @@ def read_image(source: str | bytes, max_pixels: int | None = None) -> torch.Tens
                 if max_pixels is not None and width * height > max_pixels:
                     raise UnreadableImage(f"image has {width}x{height} = {width * height} pixels, "
                                           f"over the limit of {max_pixels}", too_large=True)
-                arr = np.asarray(im.convert("RGB"))
+                # (convert() of an RGB image would copy it once more)
+                arr = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except UnreadableImage:
         raise
     except Image.DecompressionBombError as err:
@@ -64,4 +65,7 @@ def read_image(source: str | bytes, max_pixels: int | None = None) -> torch.Tens
         raise UnreadableImage(f"not a readable image ({type(err).__name__}: {first_line(err)})") from None
     if arr.ndim != 3 or arr.shape[0] * arr.shape[1] == 0:
         raise UnreadableImage("image has no pixels")
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    # a (3, H, W) view of the (H, W, 3) pixels, not a contiguous copy: torch's uint8 resize
+    # kernels read channels-last memory (they would convert a contiguous CHW image back), and
+    # the copy was a large part of the 224-px decode cost
+    return torch.from_numpy(arr).permute(2, 0, 1)
