@@ -287,35 +287,57 @@ class ShardStream(IterableDataset):
             yield from self.shard_batches(shard)
 
     def shard_batches(self, shard: int) -> Iterator[dict]:
-        good: list[tuple[Item, torch.Tensor, torch.Tensor]] = []
+        decoded: list[tuple[Item, torch.Tensor]] = []
         skipped: list[tuple[str, str]] = []
         seen, total, broken = 0, 0, ""
         try:
             for item in self.pool.items(shard):
                 seen, total = seen + 1, total + 1
                 try:
-                    img = decode(item)
-                    hashes = torch.cat([phash(center_crop(img, f).unsqueeze(0)) for f in self.crops])
-                    good.append((item, self.transform(img), hashes))
+                    decoded.append((item, decode(item)))
                 except Exception as err:  # noqa: BLE001 - any decode failure means "skip this image"
                     skipped.append((item.key, item.error or _reason(err)))
-                if len(good) == self.batch_size:
-                    yield self._batch(shard, good, skipped, seen, False)
-                    good, skipped, seen = [], [], 0
+                if len(decoded) == self.batch_size:
+                    yield self._batch(shard, decoded, skipped, seen, False)
+                    decoded, skipped, seen = [], [], 0
         except wds.ShardError as err:  # reported by the main process (workers' stderr may be lost)
             broken = err.reason
-        last = self._batch(shard, good, skipped, seen, True)
+        last = self._batch(shard, decoded, skipped, seen, True)
         last["broken"], last["missing"] = broken, max(0, self.pool.shard_size(shard) - total)
         yield last
 
-    @staticmethod
-    def _batch(shard: int, good: list, skipped: list, seen: int, last: bool) -> dict:
-        batch: dict = {"shard": shard, "skipped": list(skipped), "seen": seen, "last": last,
-                       "keys": [it.key for it, _, _ in good],
-                       "index": torch.tensor([it.index for it, _, _ in good], dtype=torch.long)}
+    def _prepare(self, imgs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformed images and their hashes (one per crop), stacked; one call per crop
+        for the whole batch where the images share a size (per-image calls cost several
+        times the work on small images)."""
+        if len({tuple(i.shape) for i in imgs}) == 1:
+            x = torch.stack(imgs)
+            return self.transform(x), torch.stack([phash(center_crop(x, f)) for f in self.crops], 1)
+        return (torch.stack([self.transform(i) for i in imgs]),
+                torch.stack([torch.cat([phash(center_crop(i, f).unsqueeze(0)) for f in self.crops]) for i in imgs]))
+
+    def _batch(self, shard: int, decoded: list, skipped: list, seen: int, last: bool) -> dict:
+        good, bad = decoded, []
+        if decoded:
+            try:
+                images, hashes = self._prepare([img for _, img in decoded])
+            except Exception:  # noqa: BLE001 - find the image(s) that fail, skip only those
+                good, images, hashes = [], [], []
+                for item, img in decoded:
+                    try:
+                        one, h = self._prepare([img])
+                    except Exception as err:  # noqa: BLE001
+                        bad.append((item.key, _reason(err)))
+                        continue
+                    good.append((item, img))
+                    images.append(one[0])
+                    hashes.append(h[0])
+                images, hashes = (torch.stack(images), torch.stack(hashes)) if good else (None, None)
+        batch: dict = {"shard": shard, "skipped": [*skipped, *bad], "seen": seen, "last": last,
+                       "keys": [it.key for it, _ in good],
+                       "index": torch.tensor([it.index for it, _ in good], dtype=torch.long)}
         if good:
-            batch["image"] = torch.stack([img for _, img, _ in good])
-            batch["phash"] = torch.stack([h for _, _, h in good])
+            batch["image"], batch["phash"] = images, hashes
         return batch
 
 
