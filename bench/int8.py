@@ -23,7 +23,9 @@ each arm, all in fp32 (``train.amp=false``: QAT trains in fp32, and so does its 
 * ``fp32``: KD continued (the reference), lr ``--lr`` (0.01), cosine;
 * ``ptq``: ``kdistill export --int8`` of the ``fp32`` arm (512 calibration images);
 * ``qad``: ``kdistill distill --qat`` (the same losses and schedule, fake-quantized student);
-* ``qat``: ``kdistill train --qat`` (labels only, the same schedule).
+* ``qat``: ``kdistill train --qat`` (labels only, the same schedule);
+* ``labels``: ``kdistill train`` (labels only, fp32, the same schedule): QAT's float
+  reference, which tells the cost of quantization apart from the cost of the loss.
 
 Every int8 number is the exported ONNX Runtime int8 model's top-1 on the 5,000 val images
 (``kdistill export --int8 --parity-images 5000``); fp32's is the last epoch's val top-1.
@@ -50,7 +52,6 @@ from common import (CIFAR, LONG_CACHE, ensure_run, machine, run_record,  # noqa:
 
 LATENCY_MODELS = [("resnet20", 32), ("timm:resnet18", 224), ("timm:mobilenetv3_large_100", 224)]
 STUDENTS = [("resnet20", 0), ("resnet20", 1), ("resnet20", 2), ("mobilenetv2", 0)]
-ARMS = ("fp32", "ptq", "qad", "qat")
 RECIPE = "cifar/kd_resnet56_resnet20"
 BASELINE = "cifar/resnet20_baseline"  # the same optimizer and augmentation, labels only
 
@@ -94,7 +95,7 @@ class Bench:
         d = self.results()
         if name == "teacher":
             return "done" if run_record(self.work / "teacher") else "pending"
-        return "done" if name in d else "pending"
+        return "done" if name in d and (name == "latency" or "labels" in d[name]) else "pending"
 
     def run(self, name: str) -> None:
         if name == "latency":
@@ -127,7 +128,8 @@ class Bench:
         cont = ["--lr", str(self.a.lr), "-o", "optim.warmup_epochs=0", "-o", "train.amp=false", *ckpt]
         runs = {"fp32": ("distill", [*kd, *cont]),
                 "qad": ("distill", [*kd, *cont, "--qat"]),
-                "qat": ("train", [*common, "-c", BASELINE, "-o", "model.channels_last=auto", *cont, "--qat"])}
+                "qat": ("train", [*common, "-c", BASELINE, "-o", "model.channels_last=auto", *cont, "--qat"]),
+                "labels": ("train", [*common, "-c", BASELINE, "-o", "model.channels_last=auto", *cont])}
         rec = {"kd": run_record(base / "kd")}
         for arm, (command, args) in runs.items():
             ensure_run(command, base / arm, self.a.epochs, args)
@@ -263,22 +265,25 @@ def report(bench: Bench) -> tuple[str, dict]:
     for arch, seed in bench.students():
         r = d.get(f"{arch}-s{seed}")
         if not r:
-            rows.append(f"| {arch} | {seed} | pending | | | | | | |")
+            rows.append(f"| {arch} | {seed} | pending | | | | | | | | |")
             continue
         acc = {"fp32": r["fp32"]["top1"], "ptq": r["ptq_int8"]["int8_top1"], "qad": r["qad_int8"]["int8_top1"],
-               "qat": r["qat_int8"]["int8_top1"]}
+               "qat": r["qat_int8"]["int8_top1"], "labels": r.get("labels", {}).get("top1")}
         out["students"][f"{arch}-s{seed}"] = acc
+        lab = acc["labels"]
         rows.append(f"| {arch} | {seed} | {r['kd']['top1']:.4f} | {acc['fp32']:.4f} | {acc['ptq']:.4f} | "
-                    f"{acc['qad']:.4f} | {acc['qat']:.4f} | {pts(acc['qad'] - acc['fp32'])} | "
-                    f"{pts(acc['qad'] - acc['qat'])} |")
+                    f"{acc['qad']:.4f} | " + (f"{lab:.4f}" if lab is not None else "pending") +
+                    f" | {acc['qat']:.4f} | {pts(acc['qad'] - acc['fp32'])} | "
+                    f"{pts(acc['qad'] - acc['qat'])} | " + (pts(acc['qat'] - lab) if lab is not None else "pending") + " |")
     a = bench.a
     val = f"{a.val_images} val images" if a.val_images else "all 5,000 val images"
     lines += [f"Accuracy: CIFAR-10, {a.train_images} training images, {val}, last epoch; "
               f"resnet32 teacher ({a.teacher_epochs} epochs), float KD student ({a.kd_epochs} epochs), then "
               f"{a.epochs} more epochs of each arm from that checkpoint, fp32. int8 columns are ONNX Runtime "
               "int8 models exported with `kdistill export --int8`.", "",
-              "| student | seed | float KD | fp32 continued | PTQ int8 | QAD int8 | QAT (labels) int8 | QAD − fp32 (pts) | QAD − QAT (pts) |",
-              "|---|---|---|---|---|---|---|---|---|"] + rows
+              "float KD, fp32 continued (KD) and fp32 labels only are the float students' last-epoch val top-1.", "",
+              "| student | seed | float KD | fp32 continued (KD) | PTQ int8 | QAD int8 | fp32 labels only | QAT (labels) int8 | QAD − fp32 (pts) | QAD − QAT (pts) | QAT − fp32 labels (pts) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"] + rows
     r20 = [v for k, v in out["students"].items() if k.startswith("resnet20")]
     if r20:
         d1 = [v["qad"] - v["fp32"] for v in r20]
@@ -291,6 +296,12 @@ def report(bench: Bench) -> tuple[str, dict]:
                   f"its spread) -> " + ("pending (one seed)" if s2 is None else
                                         ('met' if m2 - s2 > 0 else 'MISSED'))]
         out["differences"] = {"qad_minus_fp32": d1, "qad_minus_qat": d2}
+        d3 = [v["qat"] - v["labels"] for v in r20 if v["labels"] is not None]
+        d4 = [v["fp32"] - v["labels"] for v in r20 if v["labels"] is not None]
+        if d3:
+            lines += [f"- resnet20 QAT − fp32 labels only (the cost of quantization with labels): {pts_spread(d3)}; "
+                      f"fp32 KD − fp32 labels only (the cost of the loss, no quantization): {pts_spread(d4)}"]
+            out["differences"].update(qat_minus_labels=d3, kd_minus_labels=d4)
     return "\n".join(lines) + "\n", out
 
 
