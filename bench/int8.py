@@ -107,15 +107,15 @@ class Bench:
             self.store(name, self.student(arch, int(seed)))
 
     # ---- data and runs
-    def data_args(self) -> list[str]:
-        return ["--data", CIFAR, "-o", f"data.max_train_images={self.a.train_images}",
+    def data_args(self, train_images: int | None = None) -> list[str]:
+        return ["--data", CIFAR, "-o", f"data.max_train_images={train_images or self.a.train_images}",
                 *(["-o", f"data.max_val_images={self.a.val_images}"] if self.a.val_images else []),
                 "--workers", str(self.a.workers), "--batch-size", str(self.a.batch_size)]
 
     def teacher(self) -> Path:
         out = self.work / "teacher"
         ensure_run("train", out, self.a.teacher_epochs,
-                   ["-c", BASELINE, "--model", "resnet32", *self.data_args(), "--seed", "0"])
+                   ["-c", BASELINE, "--model", "resnet32", *self.data_args(self.a.teacher_train_images), "--seed", "0"])
         return out
 
     def student(self, arch: str, seed: int) -> dict:
@@ -276,9 +276,12 @@ def report(bench: Bench) -> tuple[str, dict]:
                     f" | {acc['qat']:.4f} | {pts(acc['qad'] - acc['fp32'])} | "
                     f"{pts(acc['qad'] - acc['qat'])} | " + (pts(acc['qat'] - lab) if lab is not None else "pending") + " |")
     a = bench.a
+    teacher = run_record(bench.work / "teacher")
+    teacher_top1 = f"{teacher['top1']:.4f}" if teacher else "pending"
     val = f"{a.val_images} val images" if a.val_images else "all 5,000 val images"
     lines += [f"Accuracy: CIFAR-10, {a.train_images} training images, {val}, last epoch; "
-              f"resnet32 teacher ({a.teacher_epochs} epochs), float KD student ({a.kd_epochs} epochs), then "
+              f"resnet32 teacher ({a.teacher_epochs} epochs on {a.teacher_train_images or a.train_images} training "
+              f"images, val top-1 {teacher_top1}), float KD student ({a.kd_epochs} epochs), then "
               f"{a.epochs} more epochs of each arm from that checkpoint, fp32. int8 columns are ONNX Runtime "
               "int8 models exported with `kdistill export --int8`.", "",
               "float KD, fp32 continued (KD) and fp32 labels only are the float students' last-epoch val top-1.", "",
@@ -309,8 +312,15 @@ def publish(bench: Bench, names: list[str], no_write: bool) -> None:
     text, out = report(bench)
     print(text)
     if not no_write and not bench.a.smoke:
-        update_section("int8", text)
-        save_result("int8", out)
+        name = section_name(bench.a)
+        update_section(name, text)
+        save_result(name, out)
+
+
+def section_name(a: argparse.Namespace) -> str:
+    """``int8``, or ``int8-teacher<N>`` for a teacher trained on other images than the students."""
+    t = a.teacher_train_images
+    return "int8" if t in (None, a.train_images) else f"int8-teacher{t}"
 
 
 def main() -> None:
@@ -324,6 +334,9 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=5000)
     ap.add_argument("--val-images", type=int, default=None, help="default: all (5,000)")
     ap.add_argument("--teacher-epochs", type=int, default=20)
+    ap.add_argument("--teacher-train-images", type=int, default=None,
+                    help="the teacher's training images (default --train-images); with another value the "
+                         "results go to their own BENCHMARKS section, int8-teacher<N> (give its own --cache)")
     ap.add_argument("--kd-epochs", type=int, default=15)
     ap.add_argument("--epochs", type=int, default=5, help="E: epochs of each arm after the float checkpoint")
     ap.add_argument("--lr", type=float, default=0.01, help="the arms' learning rate (cosine from here)")
