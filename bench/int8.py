@@ -86,7 +86,7 @@ class Bench:
         os.replace(tmp, self.results_file)
 
     def stages(self) -> list[str]:
-        return ["latency", "teacher", *[f"{m}-s{s}" for m, s in self.students()]]
+        return ["latency", "profile", "teacher", *[f"{m}-s{s}" for m, s in self.students()]]
 
     def students(self):
         return STUDENTS[:2] if self.a.smoke else STUDENTS
@@ -95,11 +95,13 @@ class Bench:
         d = self.results()
         if name == "teacher":
             return "done" if run_record(self.work / "teacher") else "pending"
-        return "done" if name in d and (name == "latency" or "labels" in d[name]) else "pending"
+        return "done" if name in d and (name in ("latency", "profile") or "labels" in d[name]) else "pending"
 
     def run(self, name: str) -> None:
         if name == "latency":
             self.store("latency", latency(self.a))
+        elif name == "profile":
+            self.store("profile", profile(self.a))
         elif name == "teacher":
             self.teacher()
         else:
@@ -221,6 +223,43 @@ def latency(a: argparse.Namespace) -> dict:
             "command": "python bench/int8.py --only latency"}
 
 
+def profile(a: argparse.Namespace) -> dict:
+    """Where ONNX Runtime spends the time of each latency model, fp32 and int8: its profiler's
+    kernel time per op type, 1 thread, batch 8, 10 calls (shares, so a busy machine changes
+    them little)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    work = Path(a.cache) / "latency"
+    if not work.is_dir():
+        raise SystemExit("run the latency stage first")
+    out = {}
+    for name, size in (LATENCY_MODELS[:1] if a.smoke else LATENCY_MODELS):
+        stem = name.replace(":", "_")
+        for prec, path in (("fp32", work / f"{stem}.onnx"), ("int8", work / f"{stem}.int8.onnx")):
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.log_severity_level, opts.enable_profiling = 1, 3, True
+            opts.profile_file_prefix = str(work / f"profile-{stem}-{prec}")
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            x = np.random.default_rng(0).random((8, 3, size, size), dtype=np.float32)
+            for _ in range(10):
+                sess.run(None, {sess.get_inputs()[0].name: x})
+            trace = Path(sess.end_profiling())
+            per_op: dict[str, float] = {}
+            for e in json.loads(trace.read_text()):
+                if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                    per_op[e["args"]["op_name"]] = per_op.get(e["args"]["op_name"], 0) + e["dur"]
+            trace.unlink()
+            total = sum(per_op.values())
+            out[f"{name} {prec}"] = {"ms_per_call": round(total / 10 / 1e3, 2),
+                                     "share": {k: round(v / total, 3) for k, v in
+                                               sorted(per_op.items(), key=lambda kv: -kv[1])[:8]}}
+            print(name, prec, json.dumps(out[f"{name} {prec}"]), flush=True)
+    return {"models": out, "machine": machine(), "cpu": cpu_flags(), "date": today(),
+            "setting": "ORT profiler kernel time per op type, 1 thread, batch 8, 10 calls",
+            "command": "python bench/int8.py --only profile"}
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -260,6 +299,13 @@ def report(bench: Bench) -> tuple[str, dict]:
                          for m, t in targets]
         lines.append(f"- target never slower: slowest fp32/int8 ratio {slowest:.2f}x -> "
                      f"{'met' if slowest >= 1.0 else 'MISSED'}")
+    prof = d.get("profile")
+    if prof:
+        lines += ["", f"Where the time goes ({prof['setting']}; {prof['date']}, `{prof['command']}`):", "",
+                  "| model | ms per call | op types (share of kernel time) |", "|---|---|---|"]
+        for key, v in prof["models"].items():
+            shares = ", ".join(f"{op} {100 * x:.0f}%" for op, x in v["share"].items() if x >= 0.01)
+            lines.append(f"| {key} | {v['ms_per_call']:.1f} | {shares} |")
         lines.append("")
     rows = []
     for arch, seed in bench.students():
