@@ -253,3 +253,51 @@ def test_ssld_with_a_sharded_pool_distils_on_the_mined_shards(tiny_root, trained
     assert 0 < len(mined) <= 9
     row = json.loads((out / "distill" / "metrics.jsonl").read_text().splitlines()[0])
     assert row["train.kd"] > 0
+
+
+class _TensorPool(Pool):
+    """One shard of decoded images (tensors), for ShardStream alone."""
+
+    def __init__(self, images: list[torch.Tensor]) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_shards(self) -> int:
+        return 1
+
+    def shard_size(self, shard: int) -> int:
+        return len(self.images)
+
+    def items(self, shard: int):
+        return iter(Item(i, f"k{i}", img) for i, img in enumerate(self.images))
+
+
+def test_shard_stream_prepares_batches_at_once_and_skips_only_the_image_that_fails():
+    from kdistill.mining.dedup import phash
+    from kdistill.mining.pool import ShardStream
+
+    gen = torch.Generator().manual_seed(0)
+    same = [torch.randint(0, 200, (3, 12, 12), dtype=torch.uint8, generator=gen) for _ in range(5)]
+    same[3][0, 0, 0] = 255  # the transform below refuses this one
+
+    def transform(x):
+        if bool((x == 255).any()):
+            raise ValueError("no 255 here")
+        return x[..., :8, :8]
+
+    batches = list(ShardStream(_TensorPool(same), [0], transform, 4, crops=(1.0, 0.5)))
+    keys = [k for b in batches for k in b["keys"]]
+    assert keys == ["k0", "k1", "k2", "k4"]
+    assert [s for b in batches for s in b["skipped"]] == [("k3", "ValueError: no 255 here")]
+    first = batches[0]
+    assert first["image"].shape == (3, 3, 8, 8) and first["phash"].shape == (3, 2)
+    # the batched hashes are the per-image ones
+    assert int(first["phash"][1, 0]) == int(phash(same[1].unsqueeze(0))[0])
+    assert int(first["phash"][1, 1]) == int(phash(same[1][:, 3:9, 3:9].unsqueeze(0))[0])
+    # images of different sizes in one batch: prepared one by one
+    mixed = [same[0], torch.randint(0, 200, (3, 10, 14), dtype=torch.uint8, generator=gen)]
+    (b,) = list(ShardStream(_TensorPool(mixed), [0], transform, 4))
+    assert b["keys"] == ["k0", "k1"] and b["image"].shape == (2, 3, 8, 8)
