@@ -81,17 +81,15 @@ def create_model(name: str, num_classes: int, pretrained: bool = False,
     else:
         model = _create_torchvision(bare, num_classes, pretrained, pretrained_path)
     model.kdistill_arch = arch_name(source, bare, model)  # type: ignore[attr-defined]
-    from .quant import QATModel, check_qat_spec, is_qat, prepare_qat
+    from .quant import QATModel, is_qat, prepare_qat
 
     if checkpoint:
         from .checkpoint import load_weights_into, read_meta, resolve_checkpoint
 
-        meta = read_meta(resolve_checkpoint(checkpoint))
-        if is_qat(meta):
+        if is_qat(read_meta(resolve_checkpoint(checkpoint))):
             if not qat:
                 raise UserError(f"'{checkpoint}' holds a quantization-aware student; continue it with --qat "
                                 "(-o model.qat=true), or start from its float run")
-            check_qat_spec(meta, checkpoint)
             model = prepare_qat(model)
         load_weights_into(model, checkpoint, num_classes)
         model.kdistill_weights = f"checkpoint {checkpoint}"

@@ -72,6 +72,10 @@ def load_weights_into(model: nn.Module, run_or_ckpt: str, num_classes: int | Non
 
     path = resolve_checkpoint(run_or_ckpt)
     meta = read_meta(path)
+    if meta.get("qat"):
+        from .quant import check_qat_spec
+
+        check_qat_spec(meta, str(path))
     if num_classes is not None and meta["num_classes"] != num_classes:
         raise UserError(f"checkpoint '{path}' has {meta['num_classes']} classes but the data has "
                         f"{num_classes}; use a checkpoint trained on these classes")
@@ -92,10 +96,6 @@ def load_model(run_or_ckpt: str, device: torch.device | str = "cpu") -> tuple[nn
 
     path = resolve_checkpoint(run_or_ckpt)
     meta = read_meta(path)
-    if meta.get("qat"):
-        from .quant import check_qat_spec
-
-        check_qat_spec(meta, str(path))
     model = create_model(meta["arch"], meta["num_classes"], drop_rate=meta.get("drop_rate", 0.0),
                          qat=bool(meta.get("qat")))
     load_weights_into(model, str(path))

@@ -188,12 +188,7 @@ class QuantConvBn2d(QuantConv2d):
 
     def folded_conv(self) -> QuantConv2d:
         """The plain :class:`QuantConv2d` this layer computes in eval (what is exported)."""
-        q = QuantConv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, self.groups, bias=True)
-        w, b = self.folded()
-        with torch.no_grad():
-            q.weight.copy_(w)
-            q.bias.copy_(b)
+        q = _plain_conv(self, *self.folded())
         q.enabled = self.enabled
         return q.train(self.training)
 
@@ -233,15 +228,18 @@ def _quantized_params(layer: nn.Module, in_scale: torch.Tensor) -> tuple[torch.T
 # ------------------------------------------------------------------ the rewrite
 
 
-def _quant_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> QuantConv2d:
-    if bn is not None:
-        return QuantConvBn2d(conv, bn)
+def _plain_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantConv2d:
+    """A :class:`QuantConv2d` of ``conv``'s geometry holding ``weight`` and ``bias`` (zeros if None)."""
     q = QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, bias=True)
     with torch.no_grad():
-        q.weight.copy_(conv.weight.float())
-        q.bias.copy_(conv.bias.float() if conv.bias is not None else torch.zeros(conv.out_channels))
+        q.weight.copy_(weight.float())
+        q.bias.copy_(bias.float() if bias is not None else torch.zeros(conv.out_channels))
     return q
+
+
+def _quant_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> QuantConv2d:
+    return QuantConvBn2d(conv, bn) if bn is not None else _plain_conv(conv, conv.weight, conv.bias)
 
 
 def _as_linear(lin: nn.Linear) -> QuantLinear:
