@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..data import shards as wds
 from ..data.sources import PathTable, Source, read_paths, scan_images
 from ..errors import UserError
-from ..images import read_image
+from ..images import read_image, read_images
 from .dedup import phash
 
 SHARD_SPLITS = ("unlabeled", "train")  # the split of wds:DIR a pool is read from
@@ -245,6 +245,22 @@ def decode(item: Item) -> torch.Tensor:
     return read_image(item.data)
 
 
+def decode_all(items: Sequence[Item]) -> list[torch.Tensor | Exception]:
+    """:func:`decode` of many items (each one's image, or the error it raised), the encoded
+    ones through :func:`~kdistill.images.read_images` (JPEGs in one decoder call)."""
+    out: list = [None] * len(items)
+    encoded = [i for i, it in enumerate(items) if not it.error and isinstance(it.data, (str, bytes))]
+    for i, img in zip(encoded, read_images([items[i].data for i in encoded])):
+        out[i] = img
+    for i, it in enumerate(items):
+        if out[i] is None:
+            try:
+                out[i] = decode(it)
+            except Exception as err:  # noqa: BLE001 - any failure means "skip this image"
+                out[i] = err
+    return out
+
+
 def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
@@ -287,22 +303,18 @@ class ShardStream(IterableDataset):
             yield from self.shard_batches(shard)
 
     def shard_batches(self, shard: int) -> Iterator[dict]:
-        decoded: list[tuple[Item, torch.Tensor]] = []
-        skipped: list[tuple[str, str]] = []
-        seen, total, broken = 0, 0, ""
+        items: list[Item] = []
+        total, broken = 0, ""
         try:
             for item in self.pool.items(shard):
-                seen, total = seen + 1, total + 1
-                try:
-                    decoded.append((item, decode(item)))
-                except Exception as err:  # noqa: BLE001 - any decode failure means "skip this image"
-                    skipped.append((item.key, item.error or _reason(err)))
-                if len(decoded) == self.batch_size:
-                    yield self._batch(shard, decoded, skipped, seen, False)
-                    decoded, skipped, seen = [], [], 0
+                total += 1
+                items.append(item)
+                if len(items) == self.batch_size:
+                    yield self._batch(shard, items, False)
+                    items = []
         except wds.ShardError as err:  # reported by the main process (workers' stderr may be lost)
             broken = err.reason
-        last = self._batch(shard, decoded, skipped, seen, True)
+        last = self._batch(shard, items, True)
         last["broken"], last["missing"] = broken, max(0, self.pool.shard_size(shard) - total)
         yield last
 
@@ -316,7 +328,13 @@ class ShardStream(IterableDataset):
         return (torch.stack([self.transform(i) for i in imgs]),
                 torch.stack([torch.cat([phash(center_crop(i, f).unsqueeze(0)) for f in self.crops]) for i in imgs]))
 
-    def _batch(self, shard: int, decoded: list, skipped: list, seen: int, last: bool) -> dict:
+    def _batch(self, shard: int, items: list[Item], last: bool) -> dict:
+        decoded, skipped = [], []
+        for item, img in zip(items, decode_all(items)):
+            if isinstance(img, torch.Tensor):
+                decoded.append((item, img))
+            else:
+                skipped.append((item.key, item.error or _reason(img)))
         good, bad = decoded, []
         if decoded:
             try:
@@ -333,7 +351,7 @@ class ShardStream(IterableDataset):
                     images.append(one[0])
                     hashes.append(h[0])
                 images, hashes = (torch.stack(images), torch.stack(hashes)) if good else (None, None)
-        batch: dict = {"shard": shard, "skipped": [*skipped, *bad], "seen": seen, "last": last,
+        batch: dict = {"shard": shard, "skipped": [*skipped, *bad], "seen": len(items), "last": last,
                        "keys": [it.key for it, _ in good],
                        "index": torch.tensor([it.index for it, _ in good], dtype=torch.long)}
         if good:
