@@ -184,10 +184,9 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
-def tree_pss(pid: int) -> tuple[int, int]:
-    """(summed PSS of ``pid`` and its descendants, how many processes)."""
-    pids = descendants(pid)
-    return sum(pss_bytes(p) for p in pids), len(pids)
+def tree_pss(pid: int) -> list[int]:
+    """The PSS of ``pid`` and of each of its descendants (``pid`` first)."""
+    return [pss_bytes(p) for p in descendants(pid)]
 
 
 class Watched:
@@ -200,16 +199,17 @@ class Watched:
         self.start = time.time()
         self.proc = subprocess.Popen(cmd, stdout=self.fh, stderr=subprocess.STDOUT, cwd=ROOT,
                                      start_new_session=True)
-        self.interval, self.peak, self.peak_procs, self.samples = interval, 0, 0, []
+        self.interval, self.peak, self.peak_procs, self.peak_each, self.samples = interval, 0, 0, [], []
 
     def poll(self) -> bool:
         """Sample once; True while the command runs."""
         if self.proc.poll() is not None:
             return False
-        pss, n = tree_pss(self.proc.pid)
-        self.samples.append((round(time.time() - self.start, 2), pss))
+        each = tree_pss(self.proc.pid)
+        pss = sum(each)
+        self.samples.append((round(time.time() - self.start, 2), pss, each))
         if pss > self.peak:
-            self.peak, self.peak_procs = pss, n
+            self.peak, self.peak_procs, self.peak_each = pss, len(each), each
         return True
 
     def wait(self, stop_after: float | None = None, stop_when=None) -> int | None:
@@ -231,8 +231,10 @@ class Watched:
     def record(self) -> dict:
         every = max(1, len(self.samples) // 200)
         return {"peak_pss_mib": round(self.peak / 2**20, 1), "processes_at_peak": self.peak_procs,
+                "pss_at_peak_mib": [round(b / 2**20, 1) for b in self.peak_each],  # the main process first
                 "wall_seconds": round(self.seconds, 1), "pss_samples": len(self.samples),
-                "pss_trace_mib": [(t, round(b / 2**20, 1)) for t, b in self.samples[::every]]}
+                "pss_trace_mib": [(t, round(b / 2**20, 1)) for t, b, _ in self.samples[::every]],
+                "pss_trace_each_mib": [(t, [round(x / 2**20, 1) for x in e]) for t, _, e in self.samples[::every]]}
 
 
 # ------------------------------------------------------------------ stages
@@ -390,7 +392,7 @@ def rate_tars(plan: Plan) -> int:
 
 def pool_batches(plan: Plan, size: int, crop_pct: float):
     """The batches of the first ``rate_tars`` pool tars as ``kdistill mine`` makes them:
-    ``kdistill.mining.pool.ShardStream`` (JPEG bytes of a tar -> ``read_image`` (PIL) ->
+    ``kdistill.mining.pool.ShardStream`` (JPEG bytes of a tar -> ``read_images`` ->
     pHash of the whole image -> the teacher's eval transform) in a DataLoader with
     ``plan.workers`` workers, each reading whole tars, batches of ``plan.batch``."""
     from torch.utils.data import DataLoader
@@ -466,8 +468,9 @@ def stage_rates(plan: Plan) -> dict:
            "mine_over_teacher": {k: (round(v / teacher_rate, 2) if v else None) for k, v in end_to_end.items()},
            "images": pre["images"], "workers": plan.workers, "batch": plan.batch,
            "torch_threads": torch.get_num_threads(), "teacher_runtime": runtime, "precision": "fp32",
-           "preprocess": {**pre, "decoder": "PIL (kdistill.images.read_image)",
-                          "steps": "kdistill.mining.pool.ShardStream: tar -> read_image(bytes) -> "
+           "preprocess": {**pre, "decoder": "torchvision decode_jpeg (libjpeg-turbo), a batch per call "
+                                      "(kdistill.images.read_images; PIL for non-JPEGs)",
+                          "steps": "kdistill.mining.pool.ShardStream: tar -> read_images(batch of bytes) -> "
                                    "pHash(whole image) -> eval_transform"},
            "target": "data >= 3x teacher; mine end to end >= 0.8x teacher",
            "command": "python bench/scale.py rates"}
@@ -733,6 +736,7 @@ def _timed(loader, count) -> float:
 
 def stage_input224(plan: Plan) -> dict:
     import PIL
+    import torchvision
     from PIL import features
 
     root = make_224_images(plan)
@@ -756,11 +760,14 @@ def stage_input224(plan: Plan) -> dict:
                            "ratio": round(med["kdistill"] / best, 3)}
     turbo = features.check_feature("libjpeg_turbo")
     rec = {"images": plan.in224_images, "batch": batch, "rounds": rows, "by_workers": summary,
-           "decoder": f"PIL {PIL.__version__} (libjpeg-turbo: {turbo}), for both loaders",
-           "why_decoder": "kdistill.images.read_image decodes with PIL: it raises on corrupt files where "
-                          "torchvision.io can crash the process (a corrupt PNG segfaults libpng's error "
-                          "path), and timm's ImageDataset also decodes with PIL, so the comparison is of "
-                          "the pipelines, not the decoders",
+           "decoder": f"kdistill: torchvision {torchvision.__version__} decode_jpeg (libjpeg-turbo); timm: PIL "
+                      f"{PIL.__version__} (libjpeg-turbo: {turbo})",
+           "why_decoder": "kdistill.images.read_image hands JPEGs to torchvision's libjpeg-turbo: the same "
+                          "pixels as PIL's, without PIL's Python header parsing, and libjpeg's errors raise "
+                          "(tests/test_images.py decodes hundreds of corrupted JPEGs in a child process); every "
+                          "other format, and any JPEG libjpeg rejects, goes to PIL, because torchvision.io "
+                          "crashes the process on a corrupt PNG (libpng's error path segfaults); timm's "
+                          "ImageDataset decodes with PIL",
            "kdistill": "train_dataset(crop=rrc, scale 0.08-1, hflip 0.5) + EpochLoader, uint8 out, in_memory=no",
            "timm": "timm.data.create_loader(timm.data.ImageDataset, is_training, scale 0.08-1, hflip 0.5, "
                    "color_jitter 0, re_prob 0, device cpu): 'timm' with use_prefetcher=True (its default: uint8 "
@@ -782,6 +789,12 @@ def _mib(x) -> str:
     return f"{x:,.0f} MiB" if x >= 10 else f"{x:.1f} MiB"
 
 
+def cpu_name(machine: str | None) -> str:
+    """The CPU model of a ``common.machine()`` string ("2 cores (AMD EPYC), ..." -> "AMD EPYC")."""
+    m = machine or ""
+    return m[m.find("(") + 1:m.find("),")] if "(" in m and ")," in m else m
+
+
 def report(plan: Plan) -> str:
     d = load(plan)
     lines = ["## Data at scale: shards, streaming, mining a million images (issue 26)", "",
@@ -798,7 +811,8 @@ def report(plan: Plan) -> str:
         cmd = v.get("command") or "; ".join(v.get("commands", {}).values() if isinstance(v.get("commands"), dict)
                                             else v.get("commands", []))
         flag = "yes" if met else ("no" if met is not None else "-")
-        lines.append(f"| {stage} | {measured} | {target} | {flag} | {v['date']} | `{cmd}` |")
+        date = v["date"] + (f" ({cpu_name(v.get('machine'))})" if len(machines) > 1 else "")
+        lines.append(f"| {stage} | {measured} | {target} | {flag} | {date} | `{cmd}` |")
 
     if "pool" in d:
         p = d["pool"]

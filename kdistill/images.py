@@ -94,8 +94,8 @@ def read_image(source: str | bytes, max_pixels: int | None = None) -> torch.Tens
     goes to PIL. Not torchvision.io for the rest: with torchvision 0.29 a PNG whose
     compressed data is corrupt (one flipped byte in IDAT with a valid CRC) kills the process
     with a segfault in libpng's error path, which no ``except`` can catch; libjpeg's errors
-    are raised as exceptions (bench/decode_fuzz.py feeds both decoders thousands of corrupted
-    JPEGs). The size is read from the header before decoding: over ``max_pixels``
+    are raised as exceptions (tests/test_images.py decodes hundreds of corrupted JPEGs in a
+    child process). The size is read from the header before decoding: over ``max_pixels``
     (decompression bombs), or over PIL's own bomb limit, it is refused with ``too_large``.
     """
     data = _read_bytes(source)

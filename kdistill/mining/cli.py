@@ -139,7 +139,7 @@ def mine(teacher: str, pool: str, out: str, cfg: MineConfig, *, dedup_against: S
         dist.barrier()
         summary: dict = {}
         if dist.is_main():
-            summary = _finish(target, work, n_shards, classes, cfg.top_k, the_pool, index, {
+            summary = _finish(target, work, n_shards, classes, cfg.top_k, cfg.workers, the_pool, index, {
                 "teacher": teacher, "checkpoint": str(ckpt), "pool": pool,
                 "dedup_against": list(dedup_against),
                 "thresholds": {"phash": cfg.phash_threshold, "embedding": cfg.embed_threshold,
@@ -189,7 +189,7 @@ def _dedup_index(work: Path, eval_sets: list[Pool], teacher: TeacherSource, cfg:
 
 
 def _finish(target: ListTarget | ShardTarget, work: Path, n_shards: int, classes: list[str], top_k: int,
-            pool: Pool, index: DedupIndex | None, extra: dict) -> dict:
+            workers: int, pool: Pool, index: DedupIndex | None, extra: dict) -> dict:
     """Merge the shard files; write the selection, dedup report, histogram and summary."""
     files = [shard_path(work, s) for s in range(n_shards)]
     missing = [f.name for f in files if not f.is_file()]
@@ -202,7 +202,7 @@ def _finish(target: ListTarget | ShardTarget, work: Path, n_shards: int, classes
         writer.writerow(DEDUP_COLUMNS)
         merged = merge_shards(files, len(classes), top_k, on_dups=writer.writerows, describe=pool.describe)
     rows = assign(merged.top)
-    written = target.write(rows, merged.info, pool, classes)
+    written = target.write(rows, merged.info, pool, classes, workers)
     counts = [0] * len(classes)
     for _, c, _ in rows:
         counts[c] += 1

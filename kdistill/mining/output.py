@@ -10,9 +10,11 @@ probability; reports and the work folder sit beside it (``LIST.summary.json``, .
 teacher's class as ``cls``, and ``DIR/_info.json`` lists them (split ``unlabeled``), so
 ``data.unlabeled=wds:DIR`` streams them. Reports are ``DIR/mined.*``; ``DIR/mined.txt``
 lists the selection (``key label  # p=... from <tar>#<key>``) in the order a list would.
-A second pass reads only the pool shards that hold selected samples; the tars are written
-into the work folder one at a time (atomically, so a rerun continues after the last one)
-and moved into ``DIR`` when all are there. The only output for a sharded pool: a list
+A second pass reads only the pool shards that hold selected samples: each output tar is
+written whole by one DataLoader worker (``--workers``; tar ``j`` holds the selection's
+samples ``j * size ...`` in pool order, so which worker writes it changes nothing), into the
+work folder and atomically, so a rerun writes only the missing ones; they are moved into
+``DIR`` when all are there. The only output for a sharded pool: a list
 cannot point into tar files.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ import math
 import os
 import re
 from pathlib import Path
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data import shards as wds
 from ..errors import UserError
@@ -58,7 +62,7 @@ class ListTarget:
             raise UserError(f"--out '{self.out}' is a list file, which cannot point into the tar files of "
                             f"pool '{pool.spec}'; give --out wds:DIR to write the selected images as shards")
 
-    def write(self, rows: list, info: dict, pool: Pool, classes: list[str]) -> dict:
+    def write(self, rows: list, info: dict, pool: Pool, classes: list[str], workers: int = 0) -> dict:
         out_dir = Path(self.out).resolve().parent
         lines = [f"{os.path.relpath(os.path.abspath(info[i][1]), out_dir)} {c}  # p={p:.4f}\n"
                  for i, c, p in rows]
@@ -94,7 +98,7 @@ class ShardTarget:
     def _name(self, j: int) -> str:
         return f"{SPLIT}-{j:06d}.tar"
 
-    def write(self, rows: list, info: dict, pool: Pool, classes: list[str]) -> dict:
+    def write(self, rows: list, info: dict, pool: Pool, classes: list[str], workers: int = 0) -> dict:
         order = sorted(rows)  # pool order (index), so each pool shard is read once
         size = self.shard_size
         n_out = math.ceil(len(order) / size)
@@ -102,11 +106,11 @@ class ShardTarget:
         staging.mkdir(parents=True, exist_ok=True)
         complete = staging / "complete"
         if not complete.is_file():  # else killed while moving them: move the rest
-            done = 0
-            while done < n_out and (staging / self._name(done)).is_file():
-                done += 1
-            if order[done * size:]:
-                self._copy(order[done * size:], info, pool, staging, done)
+            todo = [j for j in range(n_out) if not (staging / self._name(j)).is_file()]
+            jobs = _CopyJobs([(j, order[j * size:(j + 1) * size]) for j in todo], info, pool, staging)
+            for done in DataLoader(jobs, batch_size=None, num_workers=min(workers, len(todo))):
+                if done["error"]:
+                    raise UserError(done["error"])
             atomic_write_text(complete, f"{n_out}\n")
         for j in range(n_out):  # all written: move them in (renames on one file system)
             if (staging / self._name(j)).is_file():
@@ -128,35 +132,56 @@ class ShardTarget:
                                            for i, c, p in rows))
         return {"shards": str(self.folder), "info": str(self.folder / wds.INFO_FILE), "list": str(listing)}
 
-    def _copy(self, remaining: list, info: dict, pool: Pool, staging: Path, first: int) -> None:
-        """Copy the bytes of ``remaining`` (sorted by pool index) into tars numbered from ``first``."""
-        label = {i: c for i, c, _ in remaining}
-        by_shard: dict[int, int] = {}
-        for i, _, _ in remaining:
-            by_shard[info[i][0]] = by_shard.get(info[i][0], 0) + 1
-        default = (pool.split.image_keys[0] if pool.is_shards else "jpg")
-        writer = wds.ShardWriter(staging, SPLIT, self.shard_size, first=first)
-        for shard in sorted(by_shard):
-            found = 0
+
+
+class _CopyJobs(IterableDataset):
+    """Output tars to write, ``[(j, rows of tar j)]``: worker ``w`` of ``W`` writes jobs
+    ``w::W`` and yields ``{"tar": j, "error": ""}`` for each (a UserError's message instead
+    of raising it: a worker's exception would reach the user as a traceback)."""
+
+    def __init__(self, jobs: list, info: dict, pool: Pool, staging: Path) -> None:
+        self.jobs, self.info, self.pool, self.staging = jobs, info, pool, staging
+
+    def __iter__(self):
+        w = get_worker_info()
+        for j, rows in self.jobs[w.id::w.num_workers] if w is not None else self.jobs:
             try:
-                for item in pool.items(shard):
-                    if item.index not in label:
-                        continue
-                    data = read_bytes(item)
-                    if data is None:
-                        raise UserError(f"pool image '{pool.describe(shard, item.key)}' has no encoded bytes "
-                                        "to copy into a shard")
-                    writer.write(f"{item.index:09d}", data, label[item.index], sniff_ext(data, default))
-                    found += 1
-                    if found == by_shard[shard]:
-                        break
-            except wds.ShardError as err:
-                raise UserError(f"pool shard '{err.url}' changed since it was scored ({err.reason}); "
-                                "delete the work folder to mine again") from None
-            if found != by_shard[shard]:
-                raise UserError(f"pool shard {shard} of '{pool.spec}' no longer holds {by_shard[shard] - found} "
-                                "of the images selected from it; delete the work folder to mine again")
-        writer.close()
+                copy_tar(rows, self.info, self.pool, self.staging, j)
+            except UserError as err:
+                yield {"tar": j, "error": str(err)}
+                return
+            yield {"tar": j, "error": ""}
+
+
+def copy_tar(rows: list, info: dict, pool: Pool, staging: Path, j: int) -> None:
+    """Copy the bytes of ``rows`` (``(index, class, p)`` sorted by pool index) into tar ``j``."""
+    label = {i: c for i, c, _ in rows}
+    by_shard: dict[int, int] = {}
+    for i, _, _ in rows:
+        by_shard[info[i][0]] = by_shard.get(info[i][0], 0) + 1
+    default = (pool.split.image_keys[0] if pool.is_shards else "jpg")
+    writer = wds.ShardWriter(staging, SPLIT, len(rows), first=j)
+    for shard in sorted(by_shard):
+        found = 0
+        try:
+            for item in pool.items(shard):
+                if item.index not in label:
+                    continue
+                data = read_bytes(item)
+                if data is None:
+                    raise UserError(f"pool image '{pool.describe(shard, item.key)}' has no encoded bytes "
+                                    "to copy into a shard")
+                writer.write(f"{item.index:09d}", data, label[item.index], sniff_ext(data, default))
+                found += 1
+                if found == by_shard[shard]:
+                    break
+        except wds.ShardError as err:
+            raise UserError(f"pool shard '{err.url}' changed since it was scored ({err.reason}); "
+                            "delete the work folder to mine again") from None
+        if found != by_shard[shard]:
+            raise UserError(f"pool shard {shard} of '{pool.spec}' no longer holds {by_shard[shard] - found} "
+                            "of the images selected from it; delete the work folder to mine again")
+    writer.close()
 
 
 def open_target(out: str, shard_size: int) -> ListTarget | ShardTarget:
