@@ -301,3 +301,20 @@ def test_shard_stream_prepares_batches_at_once_and_skips_only_the_image_that_fai
     mixed = [same[0], torch.randint(0, 200, (3, 10, 14), dtype=torch.uint8, generator=gen)]
     (b,) = list(ShardStream(_TensorPool(mixed), [0], transform, 4))
     assert b["keys"] == ["k0", "k1"] and b["image"].shape == (2, 3, 8, 8)
+
+
+def test_mining_loaders_freeze_the_heap_before_their_workers_fork():
+    """gc.freeze before the fork: a full collection would otherwise write to every inherited
+    object and copy the pages the workers share with the main process (bench/scale.py)."""
+    import gc
+
+    from kdistill.mining.score import _loader
+
+    gc.unfreeze()
+    try:
+        _loader([], 0, torch.device("cpu"))
+        assert gc.get_freeze_count() == 0
+        _loader([], 2, torch.device("cpu"))
+        assert gc.get_freeze_count() > 1000
+    finally:
+        gc.unfreeze()

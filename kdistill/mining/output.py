@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data import shards as wds
 from ..errors import UserError
-from ..utils import atomic_write_text, ensure_writable_dir, ensure_writable_file_parent
+from ..utils import atomic_write_text, ensure_writable_dir, ensure_writable_file_parent, freeze_before_fork
 from .pool import Pool, read_bytes
 
 SPLIT = "unlabeled"
@@ -108,6 +108,7 @@ class ShardTarget:
         if not complete.is_file():  # else killed while moving them: move the rest
             todo = [j for j in range(n_out) if not (staging / self._name(j)).is_file()]
             jobs = _CopyJobs([(j, order[j * size:(j + 1) * size]) for j in todo], info, pool, staging)
+            freeze_before_fork(min(workers, len(todo)))
             for done in DataLoader(jobs, batch_size=None, num_workers=min(workers, len(todo))):
                 if done["error"]:
                     raise UserError(done["error"])

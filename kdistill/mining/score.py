@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from ..console import log, progress
 from ..data.transforms import eval_transform
+from ..utils import freeze_before_fork
 from .dedup import EVAL_CROPS, DedupIndex
 from .pool import Pool, ShardStream
 
@@ -273,6 +274,7 @@ def run_teacher(teacher: TeacherSource, images: torch.Tensor, device: torch.devi
 
 def _loader(dataset: ShardStream, workers: int, device: torch.device) -> DataLoader:
     # batches are made by the workers (one shard's images each): batch_size=None
+    freeze_before_fork(workers)
     return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
 
 
