@@ -134,7 +134,6 @@ class ShardTarget:
         return {"shards": str(self.folder), "info": str(self.folder / wds.INFO_FILE), "list": str(listing)}
 
 
-
 class _CopyJobs(IterableDataset):
     """Output tars to write, ``[(j, rows of tar j)]``: worker ``w`` of ``W`` writes jobs
     ``w::W`` and yields ``{"tar": j, "error": ""}`` for each (a UserError's message instead

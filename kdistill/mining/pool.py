@@ -285,7 +285,9 @@ def first_images(pool: Pool, transform: Callable[[torch.Tensor], torch.Tensor], 
 
 class ShardStream(IterableDataset):
     """Batches of the given shards, each batch from one shard only: worker ``w`` of ``W``
-    reads shards ``shards[w::W]``, whole and in order. A batch is ``{"shard", "index" (n,),
+    reads shards ``shards[w::W]``, whole and in order. A batch holds the next ``batch_size``
+    samples of its shard, decoded together (n images: those that are not skipped) and is
+    ``{"shard", "index" (n,),
     "keys" (n), "image" uint8 (n, 3, S, S), "phash" int64 (n, len(crops)), "skipped"
     [(key, reason)], "seen", "last"}``; the last batch of a shard (``last``, possibly without
     images) also carries ``"broken"``: why the tar broke off ("" when it did not) and
