@@ -27,6 +27,10 @@ Stages (each cached and resumable; rerun a stage to continue it, a finished one 
 * ``input224``: ~2,000 JPEGs of 256-500 px (CIFAR-10 upscaled + noise), decoded, random-
   resized-cropped to 224 and flipped: kdistill's training dataset + ``EpochLoader`` vs
   ``timm.data.create_loader`` on the same folder and workers, images/s per worker;
+* ``decode``: the decoder alone, in this process on 1 thread, in interleaved rounds:
+  ``kdistill.images`` as it is (JPEGs through torchvision's libjpeg-turbo) vs the same code
+  with that path off (every image through PIL): one pool tar through ``ShardStream`` (img/s)
+  and ``read_image`` of each input224 JPEG (us per image);
 * ``report``: the BENCHMARKS.md section (section ``scale``) from bench/results/scale.json.
 
 ``all`` runs every stage in order. ``--smoke`` runs a tiny version of a stage (a few thousand
@@ -55,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CIFAR, LONG_CACHE, ROOT, ensure_run, machine, run_record, today, update_section  # noqa: E402
 from scale_pool import build_pool, count_distinct  # noqa: E402
 
-STAGES = ("pool", "teacher", "mine", "rates", "kill-resume", "train-speed", "train-acc", "input224", "report")
+STAGES = ("pool", "teacher", "mine", "rates", "kill-resume", "train-speed", "train-acc", "input224", "decode",
+          "report")
 PY = sys.executable
 
 
@@ -783,6 +788,51 @@ def stage_input224(plan: Plan) -> dict:
 # ------------------------------------------------------------------ report
 
 
+def stage_decode(plan: Plan) -> dict:
+    import contextlib
+    from unittest import mock
+
+    import torch
+
+    from kdistill import images
+    from kdistill.data.transforms import eval_transform
+    from kdistill.mining.pool import ShardStream, open_pool
+
+    need_teacher(plan)
+    torch.set_num_threads(1)
+    pp = load_teacher(plan).preprocessing
+    pool = open_pool(f"wds:{plan.pool}/unlabeled-000000.tar")
+    files = sorted(str(f) for f in (make_224_images(plan) / "train").rglob("*.jpg"))
+
+    def measure() -> dict:
+        start = time.time()
+        n = sum(len(b["index"]) + len(b["skipped"])
+                for b in ShardStream(pool, [0], eval_transform(pp.image_size, pp.crop_pct), plan.batch))
+        tar_rate = n / (time.time() - start)
+        start = time.time()
+        for f in files:
+            images.read_image(f)
+        return {"pool_tar_images_per_s": round(tar_rate, 1),
+                "jpeg224_us_per_image": round((time.time() - start) / len(files) * 1e6, 1)}
+
+    measure()  # warm-up: imports, torchvision's decoder, the page cache
+    rows = []
+    for r in range(3):
+        for arm in (("turbo", "pil") if r % 2 == 0 else ("pil", "turbo")):
+            off = mock.patch.object(images, "_jpeg_input", lambda data, max_pixels: None)
+            with off if arm == "pil" else contextlib.nullcontext():
+                rows.append({"round": r, "decoder": arm, **measure()})
+    med = {arm: {k: statistics.median(x[k] for x in rows if x["decoder"] == arm)
+                 for k in ("pool_tar_images_per_s", "jpeg224_us_per_image")} for arm in ("turbo", "pil")}
+    rec = {"rounds": rows, "median": med, "pool_tar_images": len(pool), "jpeg224_files": len(files),
+           "turbo": "kdistill.images as shipped: JPEGs through torchvision decode_jpeg (read_images: a batch per call)",
+           "pil": "the same code with the JPEG path off (images._jpeg_input -> None): every image through PIL",
+           "setting": "this process, 1 thread; median of 3 interleaved rounds",
+           "precision": "uint8", "command": "python bench/scale.py decode"}
+    store(plan, "decode", rec)
+    return rec
+
+
 def _mib(x) -> str:
     if not isinstance(x, (int, float)):
         return "?"
@@ -869,6 +919,14 @@ def report(plan: Plan) -> str:
         met = all(v["ratio"] >= 1.0 for v in i["by_workers"].values())
         row("input224", "; ".join(parts) + f"; decoder {i['decoder']}; {i['precision']}, {i['cpu_capability']}",
             i["target"], met)
+    if "decode" in d:
+        m = d["decode"]["median"]
+        t, p = m["turbo"], m["pil"]
+        row("decode", f"{d['decode']['setting']}: a pool tar (32 px) through ShardStream {t['pool_tar_images_per_s']:.0f} "
+            f"img/s with libjpeg-turbo vs {p['pool_tar_images_per_s']:.0f} with PIL "
+            f"({t['pool_tar_images_per_s'] / p['pool_tar_images_per_s']:.2f}x); 256-500 px JPEGs "
+            f"{t['jpeg224_us_per_image']:.0f} vs {p['jpeg224_us_per_image']:.0f} us per image; "
+            f"{d['decode']['precision']}, {d['decode']['cpu_capability']}", "-", None)
     lines.append("")
     if "input224" in d:
         lines.append(f"Decoder: {d['input224']['decoder']}. Why: {d['input224']['why_decoder']}.")
@@ -889,7 +947,7 @@ def report(plan: Plan) -> str:
 
 RUNNERS = {"pool": stage_pool, "teacher": stage_teacher, "mine": stage_mine, "rates": stage_rates,
            "kill-resume": stage_kill_resume, "train-speed": stage_train_speed, "train-acc": stage_train_acc,
-           "input224": stage_input224}
+           "input224": stage_input224, "decode": stage_decode}
 
 
 def main() -> None:

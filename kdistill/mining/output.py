@@ -108,8 +108,9 @@ class ShardTarget:
         if not complete.is_file():  # else killed while moving them: move the rest
             todo = [j for j in range(n_out) if not (staging / self._name(j)).is_file()]
             jobs = _CopyJobs([(j, order[j * size:(j + 1) * size]) for j in todo], info, pool, staging)
-            freeze_before_fork(min(workers, len(todo)))
-            for done in DataLoader(jobs, batch_size=None, num_workers=min(workers, len(todo))):
+            procs = min(workers, len(todo))
+            freeze_before_fork(procs)
+            for done in DataLoader(jobs, batch_size=None, num_workers=procs):
                 if done["error"]:
                     raise UserError(done["error"])
             atomic_write_text(complete, f"{n_out}\n")
